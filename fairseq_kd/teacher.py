@@ -1,0 +1,180 @@
+"""The frozen teacher: loading one checkpoint or an ensemble, checking it against the student's
+dictionaries, keeping it on the student's device in the requested precision, and running it.
+
+The teacher is deliberately not an ``nn.Module`` attribute of the student model or the criterion:
+fairseq saves every registered submodule of those into checkpoints, and a student checkpoint must
+hold only the student. The task holds a :class:`Teacher` in a plain attribute instead.
+"""
+
+import contextlib
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import torch
+from fairseq import checkpoint_utils, models
+from fairseq.data import Dictionary
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def split_teacher_paths(teacher_path: str) -> List[str]:
+    """``a.pt:b.pt`` -> ``["a.pt", "b.pt"]``; every file must exist."""
+    paths = [p for p in teacher_path.split(":") if p]
+    if not paths:
+        raise ValueError("--teacher-path is empty: give one teacher checkpoint, or several joined by ':'")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"teacher checkpoint not found: {path!r} (from --teacher-path {teacher_path!r}); "
+                "train a teacher first (e.g. fairseq-train ... --save-dir teacher) and pass its "
+                "checkpoint_best.pt"
+            )
+    return paths
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX)."""
+    is_supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return bool(is_supported and is_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Map ``auto`` to fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; refuse fp16 on
+    CPU, where half-precision matrix products are emulated and slow."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--teacher-precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "fp16"
+        return "bf16" if device.type == "cpu" and cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            "--teacher-precision fp16 needs a CUDA device; on CPU use bf16 (fast on CPUs with "
+            "AVX512-BF16/AMX) or fp32"
+        )
+    return precision
+
+
+def check_same_dictionary(teacher: Dictionary, student: Dictionary, side: str, where: str) -> None:
+    """Raise if the teacher's and the student's dictionaries differ, showing the first differences.
+
+    Distillation compares distributions index by index, so the two vocabularies must be the same
+    symbols in the same order, not merely the same size.
+    """
+    if teacher.symbols == student.symbols:
+        return
+    diffs = [
+        f"  index {i}: teacher {t!r} vs student {s!r}"
+        for i, (t, s) in enumerate(zip(teacher.symbols, student.symbols))
+        if t != s
+    ][:5]
+    if len(teacher) != len(student):
+        diffs.append(f"  size: teacher {len(teacher)} vs student {len(student)} entries")
+    raise ValueError(
+        f"the teacher's {side} dictionary ({where}) differs from the student's:\n"
+        + "\n".join(diffs)
+        + "\nBinarize the student's data with the teacher's dictionaries: fairseq-preprocess "
+        "--srcdict <teacher dict.SRC.txt> --tgtdict <teacher dict.TGT.txt> ..."
+    )
+
+
+def find_teacher_dictionary_dir(checkpoint: str, teacher_data: Optional[str], dict_dir: Optional[str]) -> str:
+    """The directory holding the teacher's dictionaries: ``dict_dir`` if given, else the
+    checkpoint's own directory, else the data directory the teacher was trained on."""
+    candidates = [dict_dir] if dict_dir else [os.path.dirname(os.path.abspath(checkpoint)), teacher_data]
+    for candidate in candidates:
+        if candidate and any(f.startswith("dict.") and f.endswith(".txt") for f in _listdir(candidate)):
+            return candidate
+    raise FileNotFoundError(
+        f"cannot find the dictionaries of teacher {checkpoint!r} (looked for dict.*.txt in "
+        f"{[c for c in candidates if c]}); pass --teacher-dict-dir with the directory holding the "
+        "dict.SRC.txt/dict.TGT.txt (or one dict.txt) the teacher was trained with"
+    )
+
+
+def _listdir(path: str) -> List[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
+
+
+def load_teacher_dictionary(directory: str, lang: Optional[str]) -> Dictionary:
+    """``dict.<lang>.txt`` in ``directory``, or the shared ``dict.txt``."""
+    per_lang = os.path.join(directory, f"dict.{lang}.txt")
+    path = per_lang if lang and os.path.isfile(per_lang) else os.path.join(directory, "dict.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher dictionary not found: neither {per_lang} nor {path} exists")
+    return Dictionary.load(path)
+
+
+class Teacher:
+    """One frozen translation model, or an ensemble of them, that produces logits for a batch.
+
+    Args:
+        models: fairseq encoder-decoder models with the student's vocabulary.
+        precision: one of :data:`PRECISIONS`; resolved against the device in :meth:`to`.
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module], precision: str = "auto"):
+        self.models = list(models)
+        self.precision = precision
+        self.resolved_precision = None
+        self.device = None
+        for model in self.models:
+            model.eval()
+            model.requires_grad_(False)
+
+    @classmethod
+    def load(cls, teacher_path: str, task, precision: str = "auto", dict_dir: Optional[str] = None) -> "Teacher":
+        """Load the checkpoint(s) in ``teacher_path`` (``:``-separated) for ``task``'s student.
+
+        Each teacher's dictionaries must equal the task's; its architecture comes from its own
+        checkpoint.
+        """
+        resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = []
+        for path in split_teacher_paths(teacher_path):
+            state = checkpoint_utils.load_checkpoint_to_cpu(path)
+            cfg = state["cfg"]
+            directory = find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir)
+            for side, lang, student_dict in (
+                ("source", task.cfg.source_lang, task.source_dictionary),
+                ("target", task.cfg.target_lang, task.target_dictionary),
+            ):
+                check_same_dictionary(load_teacher_dictionary(directory, lang), student_dict, side, directory)
+            model = models.build_model(cfg.model, task, from_checkpoint=True)
+            model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+            n_params = sum(p.numel() for p in model.parameters())
+            logger.info(f"teacher {path}: {model.__class__.__name__}, {n_params:,} parameters")
+            loaded.append(model)
+        return cls(loaded, precision)
+
+    def to(self, device: torch.device) -> "Teacher":
+        """Move the teacher to ``device`` (a no-op when it is already there) in its precision."""
+        if self.device == device:
+            return self
+        self.resolved_precision = resolve_precision(self.precision, device)
+        # On CUDA the weights themselves are cast; on CPU bf16 runs under autocast with fp32 weights
+        # (layer norms and softmax stay in fp32 there).
+        dtype = _DTYPES[self.resolved_precision] if device.type == "cuda" else torch.float32
+        for model in self.models:
+            model.to(device=device, dtype=dtype)
+        self.device = device
+        logger.info(f"teacher on {device} in {self.resolved_precision}")
+        return self
+
+    def _precision_context(self):
+        if self.device.type == "cpu" and self.resolved_precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logits(self, src_tokens, src_lengths, prev_output_tokens) -> List[torch.Tensor]:
+        """Each teacher's output logits, (B, T, V), for teacher-forced ``prev_output_tokens``."""
+        with self._precision_context():
+            return [
+                model(src_tokens=src_tokens, src_lengths=src_lengths, prev_output_tokens=prev_output_tokens)[0]
+                for model in self.models
+            ]

@@ -1,0 +1,33 @@
+"""fairseq-kd: knowledge distillation for fairseq translation models, as a plugin."""
+
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as readme:
+    long_description = readme.read()
+
+setup(
+    name="fairseq-kd",
+    version="0.1.0",
+    description="Knowledge distillation for fairseq encoder-decoder translation models (a --user-dir plugin)",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.8",
+    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
+    install_requires=[
+        # Official fairseq 0.12.2 fails at import on Python >= 3.11; fairseq-fixed ships the same
+        # `fairseq` module patched for it.
+        "fairseq-fixed>=0.12.3.1; python_version>='3.11'",
+        "fairseq==0.12.2; python_version<'3.11'",
+        "torch>=1.13",
+        "numpy",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-kd-user-dir=fairseq_kd.cli.user_dir:main",
+        ],
+    },
+)

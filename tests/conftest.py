@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny synthetic translation task, binarized, and a tiny teacher trained on it
+through the real fairseq CLIs (built once per test session, in a temporary directory)."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "fairseq_kd")
+BIN = Path(sys.executable).parent
+
+# A small transformer that learns the synthetic task in a few hundred CPU updates.
+TINY_ARCH = [
+    "--arch", "transformer", "--share-all-embeddings",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+COMMON_TRAIN = [
+    "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2000", "--cpu",
+    "--required-batch-size-multiple", "1", "--no-progress-bar", "--log-format", "simple",
+    "--log-interval", "10", "--seed", "1", "--num-workers", "0", "--dropout", "0.0",
+]
+
+
+def cli(name: str) -> str:
+    """Path of a console script installed next to the running interpreter."""
+    return str(BIN / name)
+
+
+def run(cmd, cwd=None, env=None, timeout=600):
+    """Run a CLI, return its combined output; fail the test with the output if it fails."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    proc = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stdout[-6000:]}")
+    return proc.stdout
+
+
+def synthetic_pairs(n: int, seed: int):
+    """Source: random words a0..a19; target: the source reversed, each aK written bK."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words = [f"a{rng.randrange(20)}" for _ in range(rng.randint(3, 9))]
+        pairs.append((" ".join(words), " ".join("b" + w[1:] for w in reversed(words))))
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Binarized synthetic src->tgt data with one joined dictionary: train 2000, valid/test 100."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    for split, n, seed in (("train", 2000, 1), ("valid", 100, 2), ("test", 100, 3)):
+        pairs = synthetic_pairs(n, seed)
+        (root / f"{split}.src").write_text("".join(s + "\n" for s, _ in pairs))
+        (root / f"{split}.tgt").write_text("".join(t + "\n" for _, t in pairs))
+    run([cli("fairseq-preprocess"), "-s", "src", "-t", "tgt", "--joined-dictionary",
+         "--trainpref", root / "train", "--validpref", root / "valid", "--testpref", root / "test",
+         "--destdir", root / "bin", "--workers", "1"])
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_data, tmp_path_factory):
+    """A teacher trained for 300 updates with label-smoothed cross-entropy; its checkpoint path."""
+    save_dir = tmp_path_factory.mktemp("teacher")
+    run([cli("fairseq-train"), tiny_data / "bin", "--task", "translation", *TINY_ARCH, *COMMON_TRAIN,
+         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+         "--max-update", "300", "--save-dir", save_dir, "--no-epoch-checkpoints"])
+    return save_dir / "checkpoint_best.pt"

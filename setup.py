@@ -28,6 +28,8 @@ setup(
     entry_points={
         "console_scripts": [
             "fairseq-kd-user-dir=fairseq_kd.cli.user_dir:main",
+            "fairseq-kd-distill-data=fairseq_kd.cli.distill_data:main",
+            "fairseq-kd-init-student=fairseq_kd.cli.init_student:main",
         ],
     },
 )

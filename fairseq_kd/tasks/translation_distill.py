@@ -1,15 +1,21 @@
 """``translation_distill``: fairseq's translation task plus a frozen teacher for the criterions."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from fairseq import utils
+from fairseq.data import ConcatDataset, indexed_dataset
 from fairseq.dataclass import ChoiceEnum
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
+from omegaconf import II
 
+from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
+from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.registry import register_task_once
-from fairseq_kd.teacher import PRECISIONS, Teacher
+from fairseq_kd.teacher import PRECISIONS, Teacher, check_same_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,41 @@ class TranslationDistillConfig(TranslationConfig):
             "the teacher checkpoint's directory, then the data directory it was trained on"
         },
     )
+    kd_data: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "binarized directory of teacher translations of this data (fairseq-kd-distill-data "
+            "output), same languages and dictionaries; used as --kd-data-mode says"
+        },
+    )
+    kd_data_mode: ChoiceEnum(["paired", "concat", "ratio"]) = field(
+        default="paired",
+        metadata={
+            "help": "paired: each batch carries the teacher target of the same source as "
+            "sample['kd_target'] (for seq_kd_interp / hybrid_kd); concat: train on gold + teacher "
+            "(+ --extra-data) pairs (Gordon & Duh 2019 base+kd); ratio: draw from them each epoch "
+            "in --mix-ratios proportions"
+        },
+    )
+    extra_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "':'-separated binarized directories of more pairs (e.g. back-translations) "
+                  "to add in concat and ratio modes"},
+    )
+    mix_ratios: Optional[str] = field(
+        default=None,
+        metadata={"help": "ratio mode: proportions gold:teacher[:extra...], e.g. 0.34:0.66 (NVIDIA's mix) or 1:2"},
+    )
+    mix_epoch_size: int = field(
+        default=0,
+        metadata={"help": "ratio mode: pairs drawn per epoch; 0 = the total number of pairs of all sources"},
+    )
+    gold_fraction: float = field(
+        default=1.0,
+        metadata={"help": "concat and ratio modes: keep this fixed random fraction of the gold pairs "
+                  "(low-data regime, e.g. 0.05), chosen by --seed"},
+    )
+    seed: int = II("common.seed")
 
 
 @register_task_once("translation_distill", dataclass=TranslationDistillConfig)
@@ -56,6 +97,82 @@ class TranslationDistillTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self._teacher = None
 
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        """Load the gold pairs of ``split``; with --kd-data, add or mix in the teacher's."""
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if not self.cfg.kd_data:
+            return
+        mode = self.cfg.kd_data_mode
+        if split != self.cfg.train_subset:
+            if mode == "paired" and self._has_pairs(self.cfg.kd_data, split):
+                self.datasets[split] = self._paired(self.datasets[split], split)
+            return
+        self._check_mixing_options()
+        if mode == "paired":
+            self.datasets[split] = self._paired(self.datasets[split], split)
+            return
+        gold = self.datasets[split]
+        if self.cfg.gold_fraction < 1.0:
+            gold = FixedSubsetDataset.random_fraction(gold, self.cfg.gold_fraction, self.cfg.seed)
+        sources = [gold] + [self._load_pairs(d, split) for d in [self.cfg.kd_data, *self._extra_dirs()]]
+        if mode == "concat":
+            self.datasets[split] = ConcatDataset(sources)
+        else:
+            ratios = parse_ratios(self.cfg.mix_ratios, len(sources))
+            epoch_size = self.cfg.mix_epoch_size or sum(len(s) for s in sources)
+            self.datasets[split] = mix_by_ratio(sources, ratios, epoch_size, self.cfg.seed, epoch)
+        logger.info(
+            f"{split}: {mode} of {' + '.join(str(len(s)) for s in sources)} pairs "
+            f"(gold, teacher, extra) -> {len(self.datasets[split])} per epoch"
+        )
+
+    def _check_mixing_options(self):
+        cfg = self.cfg
+        if not 0.0 < cfg.gold_fraction <= 1.0:
+            raise ValueError(f"--gold-fraction must lie in (0, 1], got {cfg.gold_fraction}")
+        if cfg.kd_data_mode == "paired" and (cfg.extra_data or cfg.gold_fraction < 1.0 or cfg.mix_ratios):
+            raise ValueError(
+                "--extra-data, --gold-fraction and --mix-ratios mix datasets: use them with "
+                "--kd-data-mode concat or ratio, not paired"
+            )
+        if cfg.kd_data_mode == "ratio" and not cfg.mix_ratios:
+            raise ValueError("--kd-data-mode ratio needs --mix-ratios, e.g. 0.34:0.66 (gold:teacher)")
+
+    def _extra_dirs(self):
+        return utils.split_paths(self.cfg.extra_data) if self.cfg.extra_data else []
+
+    def _has_pairs(self, data_dir, split):
+        src, tgt = self.cfg.source_lang, self.cfg.target_lang
+        prefix = os.path.join(data_dir, f"{split}.{src}-{tgt}.")
+        return all(indexed_dataset.dataset_exists(prefix + lang, impl=self.cfg.dataset_impl) for lang in (src, tgt))
+
+    def _load_pairs(self, data_dir, split):
+        """The ``split`` pairs of another binarized directory with the student's dictionaries."""
+        src, tgt = self.cfg.source_lang, self.cfg.target_lang
+        if not self._has_pairs(data_dir, split):
+            raise FileNotFoundError(
+                f"no binarized {split}.{src}-{tgt} pairs in {data_dir}; build them with "
+                f"fairseq-kd-distill-data (teacher translations) or fairseq-preprocess"
+            )
+        for lang, student_dict in ((src, self.src_dict), (tgt, self.tgt_dict)):
+            dict_path = os.path.join(data_dir, f"dict.{lang}.txt")
+            if os.path.isfile(dict_path):
+                check_same_dictionary(self.load_dictionary(dict_path), student_dict, lang, dict_path)
+        return load_langpair_dataset(
+            data_dir, split, src, self.src_dict, tgt, self.tgt_dict, combine=False,
+            dataset_impl=self.cfg.dataset_impl, upsample_primary=1,
+            left_pad_source=self.cfg.left_pad_source, left_pad_target=self.cfg.left_pad_target,
+            max_source_positions=self.cfg.max_source_positions,
+            max_target_positions=self.cfg.max_target_positions,
+            truncate_source=self.cfg.truncate_source, num_buckets=self.cfg.num_batch_buckets,
+            shuffle=(split != "test"), pad_to_multiple=self.cfg.required_seq_len_multiple,
+        )
+
+    def _paired(self, gold, split):
+        teacher = self._load_pairs(self.cfg.kd_data, split)
+        check_aligned(gold, teacher, self.cfg.kd_data)
+        return TeacherTargetDataset(gold, teacher)
+
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         if not from_checkpoint and self.cfg.teacher_path:
@@ -67,6 +184,10 @@ class TranslationDistillTask(TranslationTask):
             self.cfg.teacher_path, self, precision=self.cfg.teacher_precision, dict_dir=self.cfg.teacher_dict_dir
         )
         return self._teacher
+
+    def has_teacher(self) -> bool:
+        """Whether a teacher is loaded or named by --teacher-path."""
+        return self._teacher is not None or bool(self.cfg.teacher_path)
 
     def teacher(self, device: torch.device) -> Teacher:
         """The teacher on ``device``, loaded on first use (e.g. by ``fairseq-validate``)."""

@@ -1,0 +1,98 @@
+"""Pieces every distillation criterion shares: the student's (label-smoothed) NLL of a target, the
+word-level KD term against the task's teacher, argument checks and metrics."""
+
+import math
+
+from fairseq import utils
+from fairseq.criterions import FairseqCriterion
+from fairseq.logging import metrics
+
+from fairseq_kd import losses
+
+
+class KDCriterionBase(FairseqCriterion):
+    """Base of the distillation criterions (not registered itself).
+
+    Losses are sums over non-pad target positions; the trainer divides them by ``sample_size``
+    (gold target tokens, or sentences with ``--sentence-avg``) as for fairseq's own criterions.
+    Each logged ``*_loss`` is divided by the number of positions it was summed over (see
+    :attr:`LOSS_DENOMINATORS`) and reported in bits.
+    """
+
+    #: logged loss -> the logging-output key that counts the positions it sums over
+    LOSS_DENOMINATORS = {
+        "nll_loss": "ntokens",
+        "teacher_nll_loss": "ntokens",
+        "seq_kd_nll_loss": "kd_ntokens",
+        "kd_loss": "kd_positions",
+    }
+
+    def __init__(self, task, sentence_avg, label_smoothing=0.0, temperature=1.0, kd_loss="kl"):
+        super().__init__(task)
+        losses.check_temperature(temperature)
+        self.sentence_avg = sentence_avg
+        self.eps = label_smoothing
+        self.temperature = temperature
+        self.kd_loss = kd_loss
+
+    def require_teacher(self):
+        """Fail at start-up, not at the first batch, when the task cannot provide a teacher."""
+        if not (hasattr(self.task, "has_teacher") and self.task.has_teacher()):
+            raise ValueError(
+                f"criterion {self.__class__.__name__} distils from an online teacher: use "
+                f"--task translation_distill --teacher-path TEACHER.pt (got task "
+                f"{self.task.__class__.__name__} without a teacher)"
+            )
+
+    def sample_size(self, sample):
+        return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+
+    def student_nll(self, model, net_output, target):
+        """(label-smoothed loss, plain NLL, pad mask) of ``target`` under the student, summed."""
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        pad_mask = target.eq(self.padding_idx)
+        loss, nll = losses.label_smoothed_nll_loss(
+            lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps, pad_mask.view(-1)
+        )
+        return loss, nll, pad_mask
+
+    def word_kd_term(self, student_logits, net_input, target, pad_mask):
+        """KD(q_T || p_T) summed over the non-pad positions of ``target``, and the teacher's own NLL
+        of ``target`` (summed, T = 1), with the teacher fed ``net_input``: the same source and
+        target prefix the student saw."""
+        teacher = self.task.teacher(student_logits.device)
+        teacher_logits = teacher.logits(
+            net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"]
+        )
+        vocab = student_logits.size(-1)
+        flat_logits = [z.view(-1, vocab) for z in teacher_logits]
+        flat_pad = pad_mask.view(-1)
+        teacher_lprobs = losses.teacher_log_probs(flat_logits, self.temperature)
+        kd = losses.distillation_loss(
+            student_logits.view(-1, vocab), teacher_lprobs, self.temperature, flat_pad, self.kd_loss
+        )
+        if self.temperature != 1.0:
+            teacher_lprobs = losses.teacher_log_probs(flat_logits, 1.0)
+        _, teacher_nll = losses.label_smoothed_nll_loss(teacher_lprobs, target.view(-1), 0.0, flat_pad)
+        return kd, teacher_nll.detach()
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        """Aggregate logging outputs from data parallel training."""
+
+        def total(key):
+            return sum(log.get(key, 0) for log in logging_outputs)
+
+        sample_size = total("sample_size")
+        metrics.log_scalar("loss", total("loss") / sample_size / math.log(2), sample_size, round=3)
+        for key, denominator_key in cls.LOSS_DENOMINATORS.items():
+            denominator = total(denominator_key)
+            if any(key in log for log in logging_outputs) and denominator > 0:
+                metrics.log_scalar(key, total(key) / denominator / math.log(2), denominator, round=3)
+        for key, name in (("nll_loss", "ppl"), ("teacher_nll_loss", "teacher_ppl")):
+            if any(key in log for log in logging_outputs):
+                metrics.log_derived(name, lambda meters, key=key: utils.get_perplexity(meters[key].avg))
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,85 @@
+"""Gold pairs with the teacher's translation of the same source as a second target."""
+
+import numpy as np
+import torch
+from fairseq.data import BaseWrapperDataset, LanguagePairDataset, data_utils
+
+
+def check_aligned(gold: LanguagePairDataset, teacher: LanguagePairDataset, where: str) -> None:
+    """Refuse teacher pairs whose sources are not the gold sources, sentence by sentence.
+
+    Raises ValueError naming the first misaligned sentence id and how to rebuild the data.
+    """
+    fix = (
+        f"rebuild the teacher targets in {where} from this data directory and split with "
+        "fairseq-kd-distill-data (selection top1 or closest; nbest-k gives several targets per "
+        "source and can only be mixed with --kd-data-mode concat or ratio)"
+    )
+    if len(gold) != len(teacher):
+        raise ValueError(f"teacher targets are misaligned: {len(teacher)} teacher pairs for {len(gold)} gold pairs; {fix}")
+    differing = np.flatnonzero(gold.src_sizes != teacher.src_sizes)
+    if len(differing) == 0:
+        differing = [i for i in range(len(gold)) if not torch.equal(gold.src[i], teacher.src[i])]
+    if len(differing) > 0:
+        raise ValueError(
+            f"teacher targets are misaligned: the source of sentence id {differing[0]} differs between the gold "
+            f"data and {where} ({len(differing)} sentences differ); {fix}"
+        )
+
+
+class TeacherTargetDataset(BaseWrapperDataset):
+    """A :class:`LanguagePairDataset` whose batches also carry the teacher's target.
+
+    Each batch gains ``kd_target`` (B x T', padded like ``target``) and ``kd_net_input``
+    (``net_input`` with ``prev_output_tokens`` built from ``kd_target``, the teacher-forced prefix
+    for a second student pass). Batching counts the longer of the two targets, and sentences whose
+    teacher target exceeds the target length limit are filtered like over-long gold ones.
+
+    Args:
+        gold: the gold pairs.
+        teacher: pairs (same source, teacher translation) aligned id by id with ``gold``.
+    """
+
+    def __init__(self, gold: LanguagePairDataset, teacher: LanguagePairDataset):
+        super().__init__(gold)
+        self.kd_targets = teacher.tgt
+        self.kd_sizes = teacher.tgt_sizes
+        self._sizes = np.vstack((gold.src_sizes, np.maximum(gold.tgt_sizes, self.kd_sizes))).T
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        item["kd_target"] = self.kd_targets[index]
+        return item
+
+    def collater(self, samples, pad_to_length=None):
+        batch = self.dataset.collater(samples, pad_to_length=pad_to_length)
+        if len(samples) == 0:
+            return batch
+        by_id = {s["id"]: s["kd_target"] for s in samples}
+        kd_targets = [by_id[i] for i in batch["id"].tolist()]  # the gold collater's order
+        pad, eos = self.dataset.tgt_dict.pad(), self.dataset.tgt_dict.eos()
+        left_pad = self.dataset.left_pad_target
+        batch["kd_target"] = data_utils.collate_tokens(kd_targets, pad, eos, left_pad)
+        batch["kd_ntokens"] = sum(len(t) for t in kd_targets)
+        batch["kd_net_input"] = dict(
+            batch["net_input"],
+            prev_output_tokens=data_utils.collate_tokens(kd_targets, pad, eos, left_pad, move_eos_to_beginning=True),
+        )
+        return batch
+
+    @property
+    def sizes(self):
+        return self._sizes
+
+    def num_tokens(self, index):
+        return max(self.dataset.num_tokens(index), int(self.kd_sizes[index]))
+
+    def num_tokens_vec(self, indices):
+        return np.maximum(self.dataset.num_tokens_vec(indices), self.kd_sizes[indices])
+
+    def size(self, index):
+        src, tgt = self.dataset.size(index)
+        return src, max(tgt, int(self.kd_sizes[index]))
+
+    def filter_indices_by_size(self, indices, max_sizes):
+        return data_utils.filter_paired_dataset_indices_by_size(self._sizes[:, 0], self._sizes[:, 1], indices, max_sizes)

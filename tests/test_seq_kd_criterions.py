@@ -1,0 +1,176 @@
+"""seq_kd_interp and hybrid_kd on real tiny fairseq transformers, against float64 loops.
+
+Batches come from TeacherTargetDataset (gold pairs plus the teacher's translation of the same
+source), so the collated kd_target / kd_net_input are exercised too.
+"""
+
+import math
+
+import pytest
+import torch
+from fairseq import tasks
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+from fairseq.data import LanguagePairDataset
+
+from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
+from fairseq_kd.teacher import Teacher
+from test_word_kd import data_dir, one_thread, parse, softmax64  # noqa: F401  (fixtures)
+
+EPS = 0.1
+
+
+def sentences(task, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = task.source_dictionary
+    return [torch.cat([torch.randint(d.nspecial, len(d), (n,), generator=g), torch.tensor([d.eos()])]) for n in lengths]
+
+
+def pairs(task, src, tgt):
+    sizes = lambda xs: torch.tensor([len(x) for x in xs])  # noqa: E731
+    return LanguagePairDataset(src, sizes(src), task.source_dictionary, tgt, sizes(tgt), task.target_dictionary,
+                               shuffle=False)
+
+
+@pytest.fixture(scope="module")
+def setup(data_dir):  # noqa: F811
+    cfg = parse(data_dir, "--dropout", "0.0")
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    student = task.build_model(cfg.model)
+    torch.manual_seed(1)
+    teacher = task.build_model(cfg.model)
+    task._teacher = Teacher([teacher], precision="fp32")
+    src = sentences(task, (5, 3, 7, 2), seed=0)
+    gold = pairs(task, src, sentences(task, (4, 6, 2, 5), seed=1))
+    kd = pairs(task, src, sentences(task, (3, 6, 8, 1), seed=2))
+    check_aligned(gold, kd, "test")
+    dataset = TeacherTargetDataset(gold, kd)
+    sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+    return task, student, teacher, sample, kd
+
+
+def sums(student, teacher, net_input, target, temperature, pad):
+    """float64 loops: label-smoothed NLL, NLL and KL(q_T || p_T) summed over non-pad positions."""
+    with torch.no_grad():
+        zs = student(**net_input)[0].double()
+        zt = teacher(**net_input)[0].double()
+    vocab = zs.size(-1)
+    ls = nll = kl = 0.0
+    for b in range(target.size(0)):
+        for t in range(target.size(1)):
+            y = int(target[b, t])
+            if y == pad:
+                continue
+            logp = torch.log(softmax64(zs[b, t]))
+            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
+            smooth[y] = 1 - EPS
+            ls += float(-(smooth * logp).sum())
+            nll += float(-logp[y])
+            p, q = softmax64(zs[b, t], temperature), softmax64(zt[b, t], temperature)
+            kl += float((q * (q.log() - p.log())).sum())
+    return ls, nll, kl
+
+
+def test_collated_teacher_targets_follow_the_batch_order(setup):
+    task, _, _, sample, kd = setup
+    pad, eos = task.target_dictionary.pad(), task.target_dictionary.eos()
+    for row, sid in enumerate(sample["id"].tolist()):
+        expected = kd.tgt[sid]
+        got = sample["kd_target"][row]
+        assert torch.equal(got[got.ne(pad)], expected)
+        prev = sample["kd_net_input"]["prev_output_tokens"][row]
+        assert torch.equal(prev[: len(expected)], torch.cat([torch.tensor([eos]), expected[:-1]]))
+    assert sample["kd_ntokens"] == sum(len(t) for t in kd.tgt)
+    assert torch.equal(sample["kd_net_input"]["src_tokens"], sample["net_input"]["src_tokens"])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_seq_kd_interp_matches_independent_computation(setup, alpha):
+    task, student, teacher, sample, _ = setup
+    pad = task.target_dictionary.pad()
+    crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", str(alpha)))
+    loss, size, log = crit(student, sample)
+    gold_ls, gold_nll, _ = sums(student, teacher, sample["net_input"], sample["target"], 1.0, pad)
+    kd_ls, kd_nll, _ = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], 1.0, pad)
+    assert float(loss) == pytest.approx((1 - alpha) * gold_ls + alpha * kd_ls, rel=1e-5)
+    assert size == sample["ntokens"]
+    if alpha < 1:
+        assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
+    if alpha > 0:
+        assert float(log["seq_kd_nll_loss"]) == pytest.approx(kd_nll, rel=1e-5)
+        assert log["kd_ntokens"] == sample["kd_ntokens"]
+    assert abs(gold_ls - kd_ls) > 0.5  # the two targets really give different losses
+
+
+def test_seq_kd_interp_alpha_zero_equals_label_smoothed_cross_entropy(setup):
+    task, student, _, sample, _ = setup
+    ours = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", "0"))
+    theirs = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=EPS)
+    loss, _, _ = ours(student, sample)
+    loss_fs, _, _ = theirs(student, sample)
+    torch.testing.assert_close(loss, loss_fs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix", ["teacher", "gold", "both"])
+def test_hybrid_kd_matches_independent_computation(setup, prefix):
+    task, student, teacher, sample, _ = setup
+    pad, temperature = task.target_dictionary.pad(), 2.0
+    weights = (0.4, 0.6, 0.5)
+    crit = task.build_criterion(parse_criterion(
+        task, "hybrid_kd", "--seq-nll-weight", "0.4", "--seq-kd-weight", "0.6", "--word-kd-weight", "0.5",
+        "--word-kd-prefix", prefix, "--temperature", str(temperature),
+    ))
+    loss, _, log = crit(student, sample)
+    gold_ls, gold_nll, gold_kl = sums(student, teacher, sample["net_input"], sample["target"], temperature, pad)
+    kd_ls, kd_nll, kd_kl = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], temperature, pad)
+    kl = {"teacher": kd_kl, "gold": gold_kl, "both": kd_kl + gold_kl}[prefix]
+    expected = weights[0] * gold_ls + weights[1] * kd_ls + weights[2] * temperature**2 * kl
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert float(log["kd_loss"]) == pytest.approx(kl, rel=1e-5)
+    assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
+    assert float(log["seq_kd_nll_loss"]) == pytest.approx(kd_nll, rel=1e-5)
+    n_gold, n_kd = int(sample["target"].ne(pad).sum()), int(sample["kd_target"].ne(pad).sum())
+    assert log["kd_positions"] == {"teacher": n_kd, "gold": n_gold, "both": n_kd + n_gold}[prefix]
+    assert ("teacher_nll_loss" in log) == (prefix != "teacher")
+
+
+def test_hybrid_kd_reduce_metrics_logs_each_term(setup):
+    from fairseq.logging import metrics
+
+    task, student, _, sample, _ = setup
+    crit = task.build_criterion(parse_criterion(task, "hybrid_kd", "--word-kd-prefix", "both"))
+    _, _, log = crit(student, sample)
+    with metrics.aggregate(new_root=True) as agg:
+        crit.__class__.reduce_metrics([log])
+        values = agg.get_smoothed_values()
+    for key, denominator in (("nll_loss", "ntokens"), ("seq_kd_nll_loss", "kd_ntokens"), ("kd_loss", "kd_positions")):
+        assert values[key] == pytest.approx(round(float(log[key]) / log[denominator] / math.log(2), 3), abs=1e-9)
+    assert "teacher_ppl" in values and "ppl" in values
+
+
+def test_missing_teacher_targets_are_an_error_in_training(setup):
+    task, student, _, sample, _ = setup
+    crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", "0.5"))
+    gold_only = {k: v for k, v in sample.items() if not k.startswith("kd_")}
+    student.train()
+    with pytest.raises(ValueError, match="--kd-data"):
+        crit(student, gold_only)
+    student.eval()
+    loss, _, log = crit(student, gold_only)  # validation without teacher targets: gold term only
+    assert "seq_kd_nll_loss" not in log and float(loss) > 0
+
+
+@pytest.mark.parametrize("criterion, flags, message", [
+    ("seq_kd_interp", ["--alpha", "1.2"], r"--alpha must lie in \[0, 1\]"),
+    ("hybrid_kd", ["--seq-kd-weight", "-1"], "weights must be >= 0"),
+    ("hybrid_kd", ["--seq-nll-weight", "0", "--seq-kd-weight", "0", "--word-kd-weight", "0"], "not all 0"),
+    ("hybrid_kd", ["--temperature", "0"], "--temperature must be > 0"),
+])
+def test_bad_flags_are_refused(setup, criterion, flags, message):
+    task = setup[0]
+    with pytest.raises(ValueError, match=message):
+        task.build_criterion(parse_criterion(task, criterion, *flags))
+
+
+def parse_criterion(task, name, *flags):
+    return parse(task.cfg.data, "--label-smoothing", str(EPS), *flags, criterion=name).criterion

@@ -10,7 +10,7 @@ Notation: ``z`` are logits over a vocabulary of size V, ``T`` is the distillatio
 """
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,9 @@ def label_smoothed_nll_loss(
 def teacher_log_probs(teacher_logits: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
     """Log of the teacher distribution q_T, averaged over an ensemble in probability space.
 
-    ``log q_T = log( (1/K) * sum_k softmax(z_k / T) )`` for K teachers, computed with logsumexp
-    so that no probability underflows. With one teacher it is ``log_softmax(z / T)``.
+    ``log q_T = log( (1/K) * sum_k softmax(z_k / T) )`` for K teachers, accumulated with logaddexp
+    (no probability underflows, at most two full distributions alive at once). With one teacher
+    it is ``log_softmax(z / T)``.
 
     Args:
         teacher_logits: K tensors of shape (..., V); any float dtype, computed in float32.
@@ -78,11 +79,103 @@ def teacher_log_probs(teacher_logits: Sequence[torch.Tensor], temperature: float
     Returns:
         float32 tensor of shape (..., V).
     """
-    log_probs = [F.log_softmax(z.float() / temperature, dim=-1) for z in teacher_logits]
-    if len(log_probs) == 1:
-        return log_probs[0]
-    stacked = torch.stack(log_probs, dim=0)
-    return torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
+    total = None
+    for z in teacher_logits:
+        log_probs = F.log_softmax(z.float() / temperature, dim=-1)
+        total = log_probs if total is None else torch.logaddexp(total, log_probs)
+    if len(teacher_logits) > 1:
+        total -= math.log(len(teacher_logits))
+    return total
+
+
+def teacher_target_log_probs(teacher_logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """``log q(y_t)`` at T = 1 for the given target ids, ensemble-averaged in probability space.
+
+    Args:
+        teacher_logits: K tensors of shape (N, V).
+        target: (N,) token ids.
+
+    Returns:
+        (N,) float32.
+    """
+    per_teacher = [
+        z.gather(-1, target.unsqueeze(-1)).squeeze(-1).float() - torch.logsumexp(z.float(), dim=-1)
+        for z in teacher_logits
+    ]
+    return torch.logsumexp(torch.stack(per_teacher), dim=0) - math.log(len(per_teacher))
+
+
+def topk_teacher_log_probs(topk_lprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Teacher distribution from its k most probable tokens only, renormalised over them::
+
+        log q_T(v_i) = l_i / T - log sum_{j=1..k} exp(l_j / T)      for the stored top-k v_i
+        q_T(v) = 0                                                   for every other token
+
+    where l_i are the stored log-probabilities at T = 1. Since ``l_i = z_i - c`` for a constant c
+    per position, this is exactly the full softmax at temperature T restricted to the top k and
+    renormalised.
+    """
+    return F.log_softmax(topk_lprobs.float() / temperature, dim=-1)
+
+
+# Positions per chunk are chosen so that one chunk of one distribution holds about this many values.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """sum over kept positions of KL(q_T || p_T) or H(q_T, p_T), computed chunk by chunk.
+
+    Forward and backward hold at most one chunk of the student's softened distribution at a time;
+    for autograd only the student logits and the teacher distribution are kept. The gradient with
+    respect to the student logits is the same for KL and CE (q sums to 1 at every position):
+    ``d/dz = (p_T - q_T) / T`` at kept positions, 0 at padding.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_lprobs, teacher_ids, keep, temperature, kind):
+        ctx.temperature = temperature
+        ctx.save_for_backward(student_logits, teacher_lprobs, teacher_ids, keep)
+        dtype = _compute_dtype(student_logits)
+        total = student_logits.new_zeros((), dtype=dtype)
+        for rows in _chunks(student_logits):
+            log_p = F.log_softmax(student_logits[rows].to(dtype) / temperature, dim=-1)
+            log_q = teacher_lprobs[rows]
+            if teacher_ids is not None:
+                log_p = log_p.gather(-1, teacher_ids[rows])
+            q = log_q.exp()
+            # where q = 0 the term is 0 (0 * log 0 = 0), even against a student log-prob of -inf
+            log_ratio = log_q - log_p if kind == "kl" else -log_p
+            per_position = (q * torch.where(q > 0, log_ratio, 0.0)).sum(-1)
+            total += per_position[keep[rows]].sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        student_logits, teacher_lprobs, teacher_ids, keep = ctx.saved_tensors
+        temperature = ctx.temperature
+        dtype = _compute_dtype(student_logits)
+        grad = torch.empty_like(student_logits)
+        for rows in _chunks(student_logits):
+            g = F.softmax(student_logits[rows].to(dtype) / temperature, dim=-1)
+            q = teacher_lprobs[rows].exp()
+            if teacher_ids is None:
+                g -= q
+            else:
+                g.scatter_add_(-1, teacher_ids[rows], -q)
+            g *= grad_total / temperature
+            g.masked_fill_(~keep[rows].unsqueeze(-1), 0.0)
+            grad[rows] = g.to(grad.dtype)
+        return grad, None, None, None, None, None
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision logits, else their own dtype (float64 stays float64)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _chunks(logits: torch.Tensor):
+    step = max(1, _CHUNK_ELEMENTS // max(1, logits.size(-1)))
+    return [slice(start, start + step) for start in range(0, logits.size(0), step)]
 
 
 def distillation_loss(
@@ -91,6 +184,7 @@ def distillation_loss(
     temperature: float,
     pad_mask: torch.Tensor,
     kind: str = "kl",
+    teacher_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Word-level distillation term, summed over non-pad positions (not yet multiplied by T^2).
 
@@ -101,22 +195,23 @@ def distillation_loss(
 
     Both have the same gradient in the student; KL is zero when the student matches the teacher,
     CE adds the (constant) teacher entropy. Vocabulary entries where q_T is exactly zero add
-    nothing (0 * log 0 = 0).
+    nothing (0 * log 0 = 0). Computed in chunks of positions in float32 (see
+    :class:`_ChunkedDistillation`), so memory holds the teacher's distribution and one chunk of the
+    student's at a time.
 
     Args:
-        student_logits: (N, V) raw student logits; the softmax is taken in float32.
-        teacher_lprobs: (N, V) log q_T, as returned by :func:`teacher_log_probs`.
+        student_logits: (N, V) raw student logits, any float dtype.
+        teacher_lprobs: (N, V) log q_T, as returned by :func:`teacher_log_probs`; or, with
+            ``teacher_ids``, (N, k) log q_T of a sparse teacher (:func:`topk_teacher_log_probs`).
         temperature: T > 0, applied to the student logits.
         pad_mask: (N,) bool, True at padding positions.
         kind: ``"kl"`` or ``"ce"``.
+        teacher_ids: (N, k) vocabulary ids of a sparse (top-k) teacher; every other token has
+            q_T = 0.
     """
-    student_lprobs = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_probs = teacher_lprobs.exp()
-    if kind == "kl":
-        log_ratio = torch.where(teacher_probs > 0, teacher_lprobs - student_lprobs, 0.0)
-        per_position = (teacher_probs * log_ratio).sum(dim=-1)
-    elif kind == "ce":
-        per_position = -(teacher_probs * student_lprobs).sum(dim=-1)
-    else:
+    if kind not in ("kl", "ce"):
         raise ValueError(f"unknown distillation loss kind {kind!r}; use 'kl' or 'ce'")
-    return per_position.masked_fill(pad_mask, 0.0).sum()
+    return _ChunkedDistillation.apply(
+        student_logits, teacher_lprobs.to(_compute_dtype(student_logits)).detach(), teacher_ids, ~pad_mask,
+        temperature, kind,
+    )

@@ -119,7 +119,7 @@ class Teacher:
 
     def __init__(self, models: Sequence[torch.nn.Module], precision: str = "auto"):
         self.models = list(models)
-        self.precision = precision
+        self.precision = str(precision)  # fairseq passes its ChoiceEnum members
         self.resolved_precision = None
         self.device = None
         for model in self.models:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_kd.criterions.kd_base import KDCriterionBase
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
 from fairseq_kd.registry import register_criterion_once
 
 
@@ -44,7 +44,8 @@ class HybridKDCriterion(KDCriterionBase):
 
     NLL(y_teacher) is Kim & Rush 2016's sequence-level KD on the teacher's beam output (from
     ``--kd-data``, ``sample["kd_target"]``); KD is Hinton et al. 2015's word-level term with the
-    online teacher, on the teacher-target prefix, the gold prefix, or both (``--word-kd-prefix``).
+    online teacher, on the teacher-target prefix, the gold prefix, or both (``--word-kd-prefix``);
+    a --teacher-cache (built for the gold targets) serves the gold prefix.
     A term whose weight is 0 is not computed. In validation, batches without teacher targets
     (no valid split in --kd-data) get the gold-prefix terms only.
     """
@@ -90,10 +91,11 @@ class HybridKDCriterion(KDCriterionBase):
             loss = loss + nll_weight * smoothed
             log[nll_key] = nll.data
             if self.word_kd_weight > 0 and prefix in self.word_kd_prefixes:
-                kd, teacher_nll = self.word_kd_term(net_output[0], net_input, target, pad_mask)
+                cache = cached_topk(sample) if prefix == "gold" else None
+                kd, teacher_nll = self.word_kd_term(net_output[0], net_input, target, pad_mask, cache)
                 kd_total = kd_total + kd
                 kd_positions += int((~pad_mask).sum())
-                if prefix == "gold":
+                if teacher_nll is not None and prefix == "gold":
                     log["teacher_nll_loss"] = teacher_nll.data
         if kd_positions:
             loss = loss + self.word_kd_weight * self.temperature**2 * kd_total

@@ -10,6 +10,14 @@ from fairseq.logging import metrics
 from fairseq_kd import losses
 
 
+def cached_topk(sample):
+    """The batch's offline teacher (top-k ids, log-probs), aligned with ``sample["target"]``, if
+    the task loaded a --teacher-cache for this split."""
+    if "teacher_topk_ids" in sample:
+        return sample["teacher_topk_ids"], sample["teacher_topk_lprobs"]
+    return None
+
+
 class KDCriterionBase(FairseqCriterion):
     """Base of the distillation criterions (not registered itself).
 
@@ -56,25 +64,38 @@ class KDCriterionBase(FairseqCriterion):
         )
         return loss, nll, pad_mask
 
-    def word_kd_term(self, student_logits, net_input, target, pad_mask):
-        """KD(q_T || p_T) summed over the non-pad positions of ``target``, and the teacher's own NLL
-        of ``target`` (summed, T = 1), with the teacher fed ``net_input``: the same source and
-        target prefix the student saw."""
-        teacher = self.task.teacher(student_logits.device)
-        teacher_logits = teacher.logits(
-            net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"]
-        )
+    def word_kd_term(self, student_logits, net_input, target, pad_mask, cached_topk=None):
+        """Word-level KD summed over the non-pad positions of ``target``.
+
+        The teacher is the offline top-k cache when ``cached_topk`` = (ids, log-probs), each
+        B x T x k and aligned with ``target`` (see :func:`losses.topk_teacher_log_probs` for the
+        renormalisation); otherwise the task's online teacher, fed ``net_input``: the same source
+        and target prefix the student saw.
+
+        Returns:
+            (KD sum, the teacher's own NLL of ``target`` summed at T = 1, or None from a cache,
+            which does not hold the probability of every target token).
+        """
         vocab = student_logits.size(-1)
-        flat_logits = [z.view(-1, vocab) for z in teacher_logits]
-        flat_pad = pad_mask.view(-1)
-        teacher_lprobs = losses.teacher_log_probs(flat_logits, self.temperature)
-        kd = losses.distillation_loss(
-            student_logits.view(-1, vocab), teacher_lprobs, self.temperature, flat_pad, self.kd_loss
-        )
-        if self.temperature != 1.0:
-            teacher_lprobs = losses.teacher_log_probs(flat_logits, 1.0)
-        _, teacher_nll = losses.label_smoothed_nll_loss(teacher_lprobs, target.view(-1), 0.0, flat_pad)
-        return kd, teacher_nll.detach()
+        flat_logits, flat_target, flat_pad = student_logits.view(-1, vocab), target.view(-1), pad_mask.view(-1)
+        if cached_topk is not None:
+            ids, topk_lprobs = cached_topk
+            k = ids.size(-1)
+            teacher_lprobs = losses.topk_teacher_log_probs(topk_lprobs.view(-1, k), self.temperature)
+            kd = losses.distillation_loss(
+                flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss, teacher_ids=ids.view(-1, k)
+            )
+            return kd, None
+        teacher = self.task.teacher(student_logits.device)
+        teacher_logits = [
+            z.view(-1, vocab)
+            for z in teacher.logits(net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"])
+        ]
+        teacher_nll = -losses.teacher_target_log_probs(teacher_logits, flat_target).masked_fill(flat_pad, 0.0).sum()
+        teacher_lprobs = losses.teacher_log_probs(teacher_logits, self.temperature)
+        del teacher_logits  # only the softened distribution is needed from here on
+        kd = losses.distillation_loss(flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss)
+        return kd, teacher_nll
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

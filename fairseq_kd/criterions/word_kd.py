@@ -6,7 +6,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.kd_base import KDCriterionBase
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
 from fairseq_kd.registry import register_criterion_once
 
 
@@ -40,7 +40,8 @@ class WordKDCriterion(KDCriterionBase):
 
     where q_T and p_T are the teacher's and student's softmax at temperature T (the T^2 factor
     keeps the gradient scale independent of T, Hinton et al. 2015). The teacher comes from the
-    ``translation_distill`` task; an ensemble's probabilities are averaged. Like fairseq's own
+    ``translation_distill`` task: online (an ensemble's probabilities are averaged), or its offline
+    top-k cache (``--teacher-cache``). Like fairseq's own
     criterions the loss is a sum, divided by ``sample_size`` (target tokens, or sentences with
     ``--sentence-avg``) in the trainer. With alpha = 0 it equals ``label_smoothed_cross_entropy``.
     """
@@ -55,7 +56,9 @@ class WordKDCriterion(KDCriterionBase):
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
         gold_loss, nll_loss, pad_mask = self.student_nll(model, net_output, target)
-        kd_loss, teacher_nll = self.word_kd_term(net_output[0], sample["net_input"], target, pad_mask)
+        kd_loss, teacher_nll = self.word_kd_term(
+            net_output[0], sample["net_input"], target, pad_mask, cached_topk(sample)
+        )
         loss = (1.0 - self.alpha) * gold_loss + self.alpha * self.temperature**2 * kd_loss
 
         sample_size = self.sample_size(sample)
@@ -63,10 +66,11 @@ class WordKDCriterion(KDCriterionBase):
             "loss": loss.data,
             "nll_loss": nll_loss.data,
             "kd_loss": kd_loss.data,
-            "teacher_nll_loss": teacher_nll.data,
             "ntokens": sample["ntokens"],
             "kd_positions": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
         }
+        if teacher_nll is not None:
+            logging_output["teacher_nll_loss"] = teacher_nll.data
         return loss, sample_size, logging_output

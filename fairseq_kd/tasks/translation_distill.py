@@ -13,9 +13,11 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_l
 from omegaconf import II
 
 from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
+from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.registry import register_task_once
 from fairseq_kd.teacher import PRECISIONS, Teacher, check_same_dictionary
+from fairseq_kd.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,14 @@ class TranslationDistillConfig(TranslationConfig):
         metadata={
             "help": "directory with the teacher's dict.SRC.txt/dict.TGT.txt (or dict.txt); default: "
             "the teacher checkpoint's directory, then the data directory it was trained on"
+        },
+    )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "directory of offline top-k teacher caches, one per split in <dir>/<split> "
+            "(fairseq-kd-cache-teacher --out <dir>/train ...), used in place of an online teacher: "
+            "no teacher in memory; a split without a cache falls back to --teacher-path"
         },
     )
     kd_data: Optional[str] = field(
@@ -100,6 +110,8 @@ class TranslationDistillTask(TranslationTask):
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         """Load the gold pairs of ``split``; with --kd-data, add or mix in the teacher's."""
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if self.cfg.teacher_cache:
+            self._attach_teacher_cache(split)
         if not self.cfg.kd_data:
             return
         mode = self.cfg.kd_data_mode
@@ -125,6 +137,23 @@ class TranslationDistillTask(TranslationTask):
             f"{split}: {mode} of {' + '.join(str(len(s)) for s in sources)} pairs "
             f"(gold, teacher, extra) -> {len(self.datasets[split])} per epoch"
         )
+
+    def _attach_teacher_cache(self, split):
+        if self.cfg.kd_data:
+            raise ValueError(
+                "--teacher-cache holds the teacher for the targets of this data directory; it cannot be "
+                "combined with --kd-data. To distil on the teacher's translations, train on the "
+                "fairseq-kd-distill-data output directory itself and build the cache for it"
+            )
+        cache_dir = os.path.join(self.cfg.teacher_cache, split)
+        if os.path.isdir(cache_dir):
+            self.datasets[split] = TeacherCacheDataset(self.datasets[split], TeacherCache(cache_dir))
+        elif split == self.cfg.train_subset or not self.cfg.teacher_path:
+            raise FileNotFoundError(
+                f"no teacher cache for split {split!r} in {self.cfg.teacher_cache}: build it with "
+                f"fairseq-kd-cache-teacher --split {split} --out {cache_dir} ... (or, for a validation "
+                "split, give --teacher-path to run the teacher online there)"
+            )
 
     def _check_mixing_options(self):
         cfg = self.cfg
@@ -186,8 +215,8 @@ class TranslationDistillTask(TranslationTask):
         return self._teacher
 
     def has_teacher(self) -> bool:
-        """Whether a teacher is loaded or named by --teacher-path."""
-        return self._teacher is not None or bool(self.cfg.teacher_path)
+        """Whether a teacher is loaded, named by --teacher-path or cached in --teacher-cache."""
+        return self._teacher is not None or bool(self.cfg.teacher_path or self.cfg.teacher_cache)
 
     def teacher(self, device: torch.device) -> Teacher:
         """The teacher on ``device``, loaded on first use (e.g. by ``fairseq-validate``)."""

@@ -1,0 +1,97 @@
+"""The sparse (top-k cached) teacher path of fairseq_kd.losses and the teacher's target NLL,
+against float64 loops written independently of the code under test."""
+
+import math
+
+import pytest
+import torch
+
+from fairseq_kd import losses
+
+
+def softmax64(row, temperature=1.0):
+    x = row.double() / temperature
+    e = torch.exp(x - x.max())
+    return e / e.sum()
+
+
+@pytest.fixture
+def case():
+    g = torch.Generator().manual_seed(3)
+    n, vocab, k = 7, 30, 4
+    student = torch.randn(n, vocab, generator=g) * 2
+    teacher = torch.randn(n, vocab, generator=g) * 3
+    pad_mask = torch.tensor([False, False, True, False, False, True, False])
+    return student, teacher, pad_mask, k
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_topk_teacher_is_the_renormalised_restriction_of_the_full_softmax(case, temperature):
+    _, teacher, _, k = case
+    full_lprobs = torch.log_softmax(teacher, -1)  # what a cache stores (T = 1)
+    top = full_lprobs.topk(k, dim=-1)
+    got = losses.topk_teacher_log_probs(top.values, temperature)
+    for i in range(teacher.size(0)):
+        q_full = softmax64(teacher[i], temperature)
+        restricted = q_full[top.indices[i]]
+        expected = restricted / restricted.sum()
+        torch.testing.assert_close(got[i].double().exp(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sparse_distillation_loss_matches_loop(case, kind, temperature):
+    student, teacher, pad_mask, k = case
+    top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    q_lprobs = losses.topk_teacher_log_probs(top.values, temperature)
+    z = student.clone().requires_grad_(True)
+    loss = losses.distillation_loss(z, q_lprobs, temperature, pad_mask, kind, teacher_ids=top.indices)
+    loss.backward()
+
+    expected, grad = 0.0, torch.zeros(student.shape, dtype=torch.float64)
+    for i in range(student.size(0)):
+        if pad_mask[i]:
+            continue
+        p = softmax64(student[i], temperature)
+        weights = torch.exp(top.values[i].double() / temperature)
+        q = torch.zeros_like(p)
+        q[top.indices[i]] = weights / weights.sum()
+        for v in range(p.numel()):
+            if q[v] > 0:
+                expected += float(q[v] * ((math.log(q[v]) if kind == "kl" else 0.0) - math.log(p[v])))
+        grad[i] = (p - q) / temperature
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(z.grad.double(), grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_equals_dense_with_zero_mass_elsewhere(case):
+    student, teacher, pad_mask, k = case
+    top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
+    q_lprobs = losses.topk_teacher_log_probs(top.values, 1.0)
+    dense = torch.full(teacher.shape, float("-inf")).scatter(1, top.indices, q_lprobs)
+    for kind in ("kl", "ce"):
+        sparse = losses.distillation_loss(student, q_lprobs, 1.0, pad_mask, kind, teacher_ids=top.indices)
+        full = losses.distillation_loss(student, dense, 1.0, pad_mask, kind)
+        assert float(sparse) == pytest.approx(float(full), rel=1e-6)
+
+
+def test_sparse_gradcheck_float64(case):
+    student, teacher, pad_mask, k = case
+    top = torch.log_softmax(teacher.double(), -1).topk(k, dim=-1)
+    q_lprobs = losses.topk_teacher_log_probs(top.values, 2.0)
+    z = student.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: losses.distillation_loss(x, q_lprobs, 2.0, pad_mask, "kl", teacher_ids=top.indices), (z,)
+    )
+
+
+def test_teacher_target_log_probs_averages_probabilities(case):
+    student, teacher, _, _ = case
+    target = torch.randint(0, teacher.size(1), (teacher.size(0),), generator=torch.Generator().manual_seed(0))
+    got = losses.teacher_target_log_probs([teacher, student], target)
+    for i in range(teacher.size(0)):
+        y = int(target[i])
+        expected = math.log((float(softmax64(teacher[i])[y]) + float(softmax64(student[i])[y])) / 2)
+        assert float(got[i]) == pytest.approx(expected, rel=1e-5)
+    single = losses.teacher_target_log_probs([teacher.to(torch.bfloat16)], target)
+    assert single.dtype == torch.float32

@@ -30,6 +30,7 @@ setup(
             "fairseq-kd-user-dir=fairseq_kd.cli.user_dir:main",
             "fairseq-kd-distill-data=fairseq_kd.cli.distill_data:main",
             "fairseq-kd-init-student=fairseq_kd.cli.init_student:main",
+            "fairseq-kd-cache-teacher=fairseq_kd.cli.cache_teacher:main",
         ],
     },
 )

@@ -10,6 +10,6 @@ from fairseq_kd.safe_load import allow_fairseq_checkpoints
 allow_fairseq_checkpoints()
 
 from fairseq_kd.tasks import translation_distill  # noqa: E402,F401  (registers the task)
-from fairseq_kd.criterions import hybrid_kd, seq_kd_interp, word_kd  # noqa: E402,F401  (registers them)
+from fairseq_kd.criterions import hybrid_kd, seq_kd_interp, triple_loss, word_kd  # noqa: E402,F401  (registers them)
 
 __version__ = "0.1.0"

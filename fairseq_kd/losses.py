@@ -215,3 +215,18 @@ def distillation_loss(
         student_logits, teacher_lprobs.to(_compute_dtype(student_logits)).detach(), teacher_ids, ~pad_mask,
         temperature, kind,
     )
+
+
+def cosine_distance_loss(student_states: torch.Tensor, teacher_states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden-state alignment of DistilBERT (Sanh et al. 2019), summed over non-pad positions::
+
+        sum_t (1 - cos(h_s,t, h_t,t)),   cos(a, b) = a.b / (|a| |b|)
+
+    Args:
+        student_states: (N, C) student hidden states (already projected to the teacher's width
+            if the widths differ).
+        teacher_states: (N, C) teacher hidden states, no gradient needed.
+        pad_mask: (N,) bool, True at padding positions.
+    """
+    cos = F.cosine_similarity(student_states.float(), teacher_states.float().detach(), dim=-1)
+    return (1.0 - cos).masked_fill(pad_mask, 0.0).sum()

@@ -171,10 +171,21 @@ class Teacher:
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def logits(self, src_tokens, src_lengths, prev_output_tokens) -> List[torch.Tensor]:
-        """Each teacher's output logits, (B, T, V), for teacher-forced ``prev_output_tokens``."""
+    def outputs(self, src_tokens, src_lengths, prev_output_tokens) -> List[tuple]:
+        """Each teacher's ``(logits (B, T, V), extra)`` for teacher-forced ``prev_output_tokens``;
+        ``extra["inner_states"]`` holds the decoder's layer outputs."""
         with self._precision_context():
             return [
-                model(src_tokens=src_tokens, src_lengths=src_lengths, prev_output_tokens=prev_output_tokens)[0]
+                model(src_tokens=src_tokens, src_lengths=src_lengths, prev_output_tokens=prev_output_tokens)
                 for model in self.models
             ]
+
+    def logits(self, src_tokens, src_lengths, prev_output_tokens) -> List[torch.Tensor]:
+        """Each teacher's output logits, (B, T, V), for teacher-forced ``prev_output_tokens``."""
+        return [logits for logits, _ in self.outputs(src_tokens, src_lengths, prev_output_tokens)]
+
+    @torch.no_grad()
+    def encoder_states(self, src_tokens, src_lengths) -> List[torch.Tensor]:
+        """Each teacher's final encoder states, (B, S, C)."""
+        with self._precision_context():
+            return [model.encoder(src_tokens, src_lengths=src_lengths)["encoder_out"][0].transpose(0, 1) for model in self.models]

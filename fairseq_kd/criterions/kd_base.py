@@ -33,6 +33,7 @@ class KDCriterionBase(FairseqCriterion):
         "teacher_nll_loss": "ntokens",
         "seq_kd_nll_loss": "kd_ntokens",
         "kd_loss": "kd_positions",
+        "cos_loss": "cos_positions",
     }
 
     def __init__(self, task, sentence_avg, label_smoothing=0.0, temperature=1.0, kd_loss="kl"):
@@ -64,13 +65,14 @@ class KDCriterionBase(FairseqCriterion):
         )
         return loss, nll, pad_mask
 
-    def word_kd_term(self, student_logits, net_input, target, pad_mask, cached_topk=None):
+    def word_kd_term(self, student_logits, net_input, target, pad_mask, cached_topk=None, teacher_outputs=None):
         """Word-level KD summed over the non-pad positions of ``target``.
 
         The teacher is the offline top-k cache when ``cached_topk`` = (ids, log-probs), each
         B x T x k and aligned with ``target`` (see :func:`losses.topk_teacher_log_probs` for the
         renormalisation); otherwise the task's online teacher, fed ``net_input``: the same source
-        and target prefix the student saw.
+        and target prefix the student saw (or its ``teacher_outputs`` for that input, if the caller
+        already ran it).
 
         Returns:
             (KD sum, the teacher's own NLL of ``target`` summed at T = 1, or None from a cache,
@@ -86,16 +88,19 @@ class KDCriterionBase(FairseqCriterion):
                 flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss, teacher_ids=ids.view(-1, k)
             )
             return kd, None
-        teacher = self.task.teacher(student_logits.device)
-        teacher_logits = [
-            z.view(-1, vocab)
-            for z in teacher.logits(net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"])
-        ]
+        if teacher_outputs is None:
+            teacher_outputs = self.teacher_outputs(net_input, student_logits.device)
+        teacher_logits = [logits.view(-1, vocab) for logits, _ in teacher_outputs]
         teacher_nll = -losses.teacher_target_log_probs(teacher_logits, flat_target).masked_fill(flat_pad, 0.0).sum()
         teacher_lprobs = losses.teacher_log_probs(teacher_logits, self.temperature)
         del teacher_logits  # only the softened distribution is needed from here on
         kd = losses.distillation_loss(flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss)
         return kd, teacher_nll
+
+    def teacher_outputs(self, net_input, device):
+        """The online teacher's ``(logits, extra)`` per ensemble member for ``net_input``."""
+        teacher = self.task.teacher(device)
+        return teacher.outputs(net_input["src_tokens"], net_input["src_lengths"], net_input["prev_output_tokens"])
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -15,6 +15,7 @@ from omegaconf import II
 from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
+from fairseq_kd.hidden_states import state_widths
 from fairseq_kd.registry import register_task_once
 from fairseq_kd.teacher import PRECISIONS, Teacher, check_same_dictionary
 from fairseq_kd.teacher_cache import TeacherCache
@@ -106,6 +107,7 @@ class TranslationDistillTask(TranslationTask):
     def __init__(self, cfg: TranslationDistillConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self._teacher = None
+        self.student_widths = None
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         """Load the gold pairs of ``split``; with --kd-data, add or mix in the teacher's."""
@@ -204,6 +206,7 @@ class TranslationDistillTask(TranslationTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        self.student_widths = state_widths(model)  # for criterions that compare hidden states
         if not from_checkpoint and self.cfg.teacher_path:
             self._load_teacher()
         return model
@@ -218,13 +221,17 @@ class TranslationDistillTask(TranslationTask):
         """Whether a teacher is loaded, named by --teacher-path or cached in --teacher-cache."""
         return self._teacher is not None or bool(self.cfg.teacher_path or self.cfg.teacher_cache)
 
-    def teacher(self, device: torch.device) -> Teacher:
-        """The teacher on ``device``, loaded on first use (e.g. by ``fairseq-validate``)."""
+    def loaded_teacher(self) -> Teacher:
+        """The teacher, loaded on first use (e.g. by ``fairseq-validate``), wherever it is now."""
         if self._teacher is None:
             if not self.cfg.teacher_path:
                 raise ValueError(
-                    "this criterion distils from a teacher: pass --teacher-path TEACHER.pt "
+                    "this criterion distils from an online teacher: pass --teacher-path TEACHER.pt "
                     "(the task translation_distill loads it)"
                 )
             self._load_teacher()
-        return self._teacher.to(device)
+        return self._teacher
+
+    def teacher(self, device: torch.device) -> Teacher:
+        """The teacher on ``device``."""
+        return self.loaded_teacher().to(device)

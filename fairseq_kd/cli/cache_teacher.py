@@ -1,0 +1,262 @@
+"""``fairseq-kd-cache-teacher``: run the teacher once over a binarized split and store its top-k
+log-probabilities at every target position (see :mod:`fairseq_kd.teacher_cache` for the format).
+
+    fairseq-kd-cache-teacher --teacher-path teacher/checkpoint_best.pt --data data-bin \\
+        --split train --k 8 --out cache/train
+
+The teacher (or an ensemble, ``a.pt:b.pt``, whose probabilities are averaged) is teacher-forced on
+the target side of ``--data``: the gold translations, or the teacher's own when ``--data`` is a
+``fairseq-kd-distill-data`` output. Build the cache for the directory and split the student trains
+on. The build proceeds in shards of ``--shard-size`` sentences; rerun the same command after an
+interruption and only the missing shards are computed.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.data import BaseWrapperDataset
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_kd.teacher import PRECISIONS, Teacher, split_teacher_paths
+from fairseq_kd.teacher_cache import (
+    TeacherCacheWriter,
+    bytes_per_token,
+    dictionary_sha256,
+    rows_by_sentence,
+    teacher_topk,
+)
+
+logger = logging.getLogger("fairseq_kd.cli.cache_teacher")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fairseq-kd-cache-teacher",
+        description="Cache a teacher's top-k log-probabilities (T = 1) at every target position of a "
+        "binarized split, for offline word-level distillation.",
+    )
+    parser.add_argument("--teacher-path", required=True,
+                        help="teacher checkpoint, or several joined by ':' for an ensemble whose "
+                        "probabilities are averaged; its dictionaries must equal the data's")
+    parser.add_argument("--data", required=True,
+                        help="binarized data directory (fairseq-preprocess or fairseq-kd-distill-data "
+                        "output) whose target side the teacher is teacher-forced on")
+    parser.add_argument("--split", default="train", help="split to cache (default: train)")
+    parser.add_argument("-s", "--source-lang", default=None, help="source language (default: inferred from --data)")
+    parser.add_argument("-t", "--target-lang", default=None, help="target language (default: inferred from --data)")
+    parser.add_argument("--k", type=int, default=8, help="entries kept per target position (default: 8)")
+    parser.add_argument("--out", required=True, help="cache directory to create or resume")
+    parser.add_argument("--max-tokens", type=int, default=4096,
+                        help="maximum tokens per batch (default: 4096)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="maximum sentences per batch (default: no limit besides --max-tokens)")
+    parser.add_argument("--shard-size", type=int, default=10000,
+                        help="sentences per shard, the unit of resumption (default: 10000)")
+    parser.add_argument("--stop-after-shards", type=int, default=None,
+                        help="compute at most this many missing shards, then exit without merging; rerun "
+                        "to continue (to split a long build across time-limited jobs)")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    parser.add_argument("--teacher-precision", choices=PRECISIONS, default="auto",
+                        help="precision of the teacher's forward pass: auto = fp16 on CUDA, bf16 on CPUs "
+                        "with native bf16, else fp32; log-softmax and top-k are in fp32 (default: auto)")
+    parser.add_argument("--teacher-dict-dir", default=None,
+                        help="directory with the teacher's dict.*.txt, for the dictionary check (default: "
+                        "the checkpoint's directory, then the data directory it was trained on)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loading processes (default: 0)")
+    parser.add_argument("--log-interval", type=float, default=30.0,
+                        help="seconds between progress lines within a shard (default: 30)")
+    return parser
+
+
+class IdRangeDataset(BaseWrapperDataset):
+    """``dataset``'s sentences with ids in ``[start, end)``, ordered by source then target length
+    for batching; sample ids stay those of the full dataset."""
+
+    def __init__(self, dataset, start: int, end: int):
+        super().__init__(dataset)
+        self.start, self.end = start, end
+
+    def ordered_indices(self):
+        ids = np.arange(self.start, self.end, dtype=np.int64)
+        return ids[np.lexsort((self.dataset.tgt_sizes[ids], self.dataset.src_sizes[ids]))]
+
+
+def load_split(args):
+    """The translation task on ``--data`` and its ``--split`` pairs, loaded as fairseq-train does."""
+    if len(utils.split_paths(args.data)) != 1:
+        raise ValueError(f"--data takes one directory, got {args.data!r}: build one cache per directory")
+    # the fields fairseq interpolates from its global config, set explicitly to fairseq's defaults
+    cfg = TranslationConfig(
+        data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
+        dataset_impl=None, train_subset="train", required_seq_len_multiple=1,
+    )
+    task = TranslationTask.setup_task(cfg)
+    task.load_dataset(args.split, combine=args.split == cfg.train_subset)
+    dataset = task.dataset(args.split)
+    if len(dataset) == 0:
+        raise ValueError(f"split {args.split!r} of {args.data} has no sentences")
+    return task, dataset
+
+
+def check_lengths(dataset, teacher: Teacher) -> None:
+    """Refuse sentences longer than the teacher's positions: they cannot be scored."""
+    max_positions = utils.resolve_max_positions(*(model.max_positions() for model in teacher.models))
+    _, too_long = dataset.filter_indices_by_size(np.arange(len(dataset), dtype=np.int64), max_positions)
+    if len(too_long) > 0:
+        first = too_long[0]
+        sizes = tuple(int(n) for n in dataset.size(first))
+        raise ValueError(
+            f"{len(too_long)} sentences (first id {first}, (source, target) tokens {sizes}) exceed the "
+            f"teacher's maximum positions {max_positions}; "
+            "remove them from the data (fairseq-train would skip them) and binarize it again"
+        )
+
+
+def teacher_files(teacher_path: str):
+    """Each teacher checkpoint's absolute path, size and modification time (resume check)."""
+    files = []
+    for path in split_teacher_paths(teacher_path):
+        stat = os.stat(path)
+        modified = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat()
+        files.append({"path": os.path.abspath(path), "bytes": stat.st_size, "modified": modified})
+    return files
+
+
+class Progress:
+    """Sentences per second and time left, over the sentences this run computes."""
+
+    def __init__(self, total: int, interval: float):
+        self.total, self.interval = total, interval
+        self.done = 0
+        self.tokens = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, sentences: int, tokens: int) -> None:
+        self.done += sentences
+        self.tokens += tokens
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def line(self) -> str:
+        rate = self.done / max(self.elapsed(), 1e-9)
+        eta = timedelta(seconds=round((self.total - self.done) / rate)) if rate > 0 else "?"
+        return f"{self.done:,}/{self.total:,} sentences, {rate:,.1f} sentences/s, ETA {eta}"
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
+
+
+def cache_teacher(args) -> dict:
+    """Build (or resume) the cache that ``args`` describe; return a summary of the run."""
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    task, dataset = load_split(args)
+    tgt_dict = task.target_dictionary
+    if args.k > len(tgt_dict):
+        raise ValueError(f"--k {args.k} exceeds the target vocabulary size {len(tgt_dict)}")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    teacher = Teacher.load(args.teacher_path, task, args.teacher_precision, args.teacher_dict_dir).to(device)
+    check_lengths(dataset, teacher)
+    settings = {
+        "k": args.k,
+        "vocab_size": len(tgt_dict),
+        "data": os.path.abspath(args.data),
+        "split": args.split,
+        "source_lang": task.cfg.source_lang,
+        "target_lang": task.cfg.target_lang,
+        "dictionary_sha256": dictionary_sha256(tgt_dict),
+        "teachers": teacher_files(args.teacher_path),
+        "teacher_precision": teacher.resolved_precision,
+    }
+    writer = TeacherCacheWriter(args.out, settings, dataset.tgt_sizes, args.shard_size)
+    missing = writer.missing_shards()
+    todo = missing[: args.stop_after_shards] if args.stop_after_shards is not None else missing
+    if writer.complete:
+        logger.info(f"{args.out} already holds the complete cache: nothing to do")
+    elif len(missing) < writer.num_shards:
+        done = writer.num_shards - len(missing)
+        logger.info(f"resuming: {done} of {writer.num_shards} shards done; computing shards {todo}")
+    else:
+        logger.info(f"computing {len(todo)} of {writer.num_shards} shards of {args.shard_size} sentences")
+
+    progress = Progress(sum(end - start for start, end in map(writer.shard_range, todo)), args.log_interval)
+    pad = tgt_dict.pad()
+    for index in todo:
+        start, end = writer.shard_range(index)
+        batches = task.get_batch_iterator(
+            dataset=IdRangeDataset(dataset, start, end), max_tokens=args.max_tokens, max_sentences=args.batch_size,
+            required_batch_size_multiple=1, num_workers=args.num_workers, disable_iterator_cache=True,
+        ).next_epoch_itr(shuffle=False)
+        rows = {}
+        for sample in batches:
+            sample = utils.move_to_cuda(sample) if device.type == "cuda" else sample
+            ids, lprobs = teacher_topk(teacher, sample, args.k)
+            for sample_id, sentence_ids, sentence_lprobs in rows_by_sentence(sample, ids, lprobs, pad):
+                rows[sample_id] = (sentence_ids, sentence_lprobs)
+            progress.update(sample["nsentences"], sample["ntokens"])
+            if progress.due():
+                logger.info(f"shard {index + 1}/{writer.num_shards}: {progress.line()}")
+        writer.write_shard(index, rows)
+        logger.info(f"shard {index + 1}/{writer.num_shards} (ids {start}-{end - 1}) written: {progress.line()}")
+
+    complete = writer.complete
+    if not complete and not writer.missing_shards():
+        writer.merge()
+        complete = True
+    summary = {
+        "complete": complete,
+        "computed_shards": todo,
+        "num_shards": writer.num_shards,
+        "num_sentences": len(dataset),
+        "num_tokens": int(writer.offsets[-1]),
+        "bytes_per_token": bytes_per_token(args.k, writer.id_dtype),
+        "total_bytes": writer.total_bytes(),
+        "seconds": progress.elapsed(),
+        "sentences_per_second": progress.done / max(progress.elapsed(), 1e-9),
+        "tokens_per_second": progress.tokens / max(progress.elapsed(), 1e-9),
+    }
+    id_bytes = writer.id_dtype.itemsize
+    logger.info(
+        f"this run: {len(todo)} shards, {progress.done:,} sentences, {progress.tokens:,} target tokens in "
+        f"{summary['seconds']:.1f} s ({summary['sentences_per_second']:,.1f} sentences/s, "
+        f"{summary['tokens_per_second']:,.0f} tokens/s)"
+    )
+    logger.info(
+        f"{'complete' if complete else 'incomplete (rerun to continue)'}: {summary['num_sentences']:,} sentences, "
+        f"{summary['num_tokens']:,} target tokens; k={args.k} x (2 B float16 + {id_bytes} B "
+        f"{writer.id_dtype.name}) = {summary['bytes_per_token']} B per token ({summary['bytes_per_token'] // args.k} "
+        f"B per token per k); total {summary['total_bytes'] / 2**20:,.2f} MiB in {args.out}"
+    )
+    return summary
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        level=os.environ.get("LOGLEVEL", "INFO").upper(),
+        stream=sys.stdout,
+        force=True,  # fairseq's imports may already have configured the root logger
+    )
+    logging.getLogger("fairseq.tasks.fairseq_task").setLevel(logging.WARNING)  # one batch iterator per shard
+    try:
+        cache_teacher(args)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"fairseq-kd-cache-teacher: error: {err}")
+
+
+if __name__ == "__main__":
+    main()

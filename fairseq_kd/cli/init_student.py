@@ -1,0 +1,172 @@
+"""``fairseq-kd-init-student``: write a shallower student checkpoint initialised from a teacher's
+layers ("shrink and fine-tune", Shleifer & Rush 2020; DistilBERT's layer-sampled init).
+
+    fairseq-kd-init-student data-bin --teacher teacher/checkpoint_best.pt \\
+        --encoder-layers 3 --decoder-layers 3 --strategy spread --output student/init.pt
+    fairseq-train data-bin --arch <the teacher's> --encoder-layers 3 --decoder-layers 3 ... \\
+        --finetune-from-model student/init.pt
+
+The student is the teacher's architecture with the requested depths; see
+:mod:`fairseq_kd.student_init` for what is copied and how each strategy picks layers.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from fairseq import checkpoint_utils, models, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from omegaconf import OmegaConf, open_dict
+
+from fairseq_kd.student_init import (
+    STRATEGIES,
+    choose_layer_map,
+    copy_teacher_layers,
+    count_layers,
+    format_layer_map,
+    parse_layer_map,
+    student_checkpoint,
+    student_config,
+)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fairseq-kd-init-student",
+        description="Write a student checkpoint with the teacher's architecture and fewer layers, its "
+        "weights copied from the teacher: embeddings, positional embeddings, output projection and "
+        "layer norms by name, each student layer from the teacher layer the strategy picks.",
+    )
+    parser.add_argument(
+        "data",
+        help="the binarized data directory the teacher's dictionaries are in (the student's training data)",
+    )
+    parser.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's fairseq checkpoint")
+    parser.add_argument("--output", required=True, metavar="FILE", help="where to write the student checkpoint")
+    parser.add_argument(
+        "--encoder-layers",
+        type=int,
+        metavar="N",
+        help="the student's encoder layers (default: the length of --encoder-layer-map, else the teacher's)",
+    )
+    parser.add_argument(
+        "--decoder-layers",
+        type=int,
+        metavar="N",
+        help="the student's decoder layers (default: the length of --decoder-layer-map, else the teacher's)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="spread",
+        help="which teacher layers to copy: every-nth = layers 0, n, 2n, ... (the teacher's depth must be "
+        "a multiple of the student's); spread = first and last layer, the rest evenly spaced (Shleifer & "
+        "Rush 2020; 12->3 takes 0,6,11); explicit = --encoder-layer-map/--decoder-layer-map "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--encoder-layer-map",
+        type=parse_layer_map,
+        metavar="I,J,...",
+        help="with --strategy explicit: the teacher encoder layer copied into each student encoder layer, "
+        "in increasing order, e.g. 0,8,16 (default: all teacher layers)",
+    )
+    parser.add_argument(
+        "--decoder-layer-map",
+        type=parse_layer_map,
+        metavar="I,J,...",
+        help="with --strategy explicit: the teacher decoder layer copied into each student decoder layer, "
+        "in increasing order, e.g. 0,2,5 (default: all teacher layers)",
+    )
+    return parser
+
+
+def load_teacher(path: str, data: str):
+    """The teacher checkpoint's state, its config (with ``data`` as the task's data directory), the
+    task, and the teacher model loaded from it."""
+    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") is not None else state["cfg"]
+    with open_dict(cfg):
+        cfg.task.data = data
+    task = tasks.setup_task(cfg.task)
+    model = models.build_model(cfg.model, task, from_checkpoint=True)
+    model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    return state, cfg, task, model
+
+
+def save_atomically(state: dict, path: str) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``: a reader
+    never sees a half-written checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_student(args: argparse.Namespace) -> dict:
+    """Build the student that ``args`` describe, write its checkpoint, and return the record of
+    how it was made (also stored in the checkpoint's ``extra_state["student_init"]``)."""
+    if not os.path.isfile(args.teacher):
+        raise FileNotFoundError(f"teacher checkpoint not found: {args.teacher!r}")
+    if os.path.realpath(args.output) == os.path.realpath(args.teacher):
+        raise ValueError("--output is the teacher checkpoint itself; write the student elsewhere")
+    state, cfg, task, teacher = load_teacher(args.teacher, args.data)
+    teacher_state = teacher.state_dict()
+    owner = f"teacher {args.teacher} (arch {getattr(cfg.model, 'arch', None) or getattr(cfg.model, '_name', None)})"
+    teacher_depth = {side: count_layers(teacher_state, side, owner) for side in ("encoder", "decoder")}
+    layer_maps = {
+        side: choose_layer_map(
+            args.strategy,
+            teacher_depth[side],
+            getattr(args, f"{side}_layers"),
+            getattr(args, f"{side}_layer_map"),
+            side,
+        )
+        for side in ("encoder", "decoder")
+    }
+    student_cfg = student_config(
+        OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        len(layer_maps["encoder"]),
+        len(layer_maps["decoder"]),
+    )
+    # built from plain containers, exactly as fairseq-generate rebuilds it from the saved config
+    student = models.build_model(OmegaConf.create(student_cfg).model, task, from_checkpoint=True)
+    copy_teacher_layers(student, teacher_state, layer_maps["encoder"], layer_maps["decoder"])
+    record = {
+        "teacher": os.path.abspath(args.teacher),
+        "strategy": args.strategy,
+        "teacher_encoder_layers": teacher_depth["encoder"],
+        "teacher_decoder_layers": teacher_depth["decoder"],
+        "encoder_layer_map": layer_maps["encoder"],
+        "decoder_layer_map": layer_maps["decoder"],
+    }
+    save_atomically(
+        student_checkpoint(student_cfg, student.state_dict(), state.get("task_state", {}), record), args.output
+    )
+    record["parameters"] = sum(p.numel() for p in student.parameters())
+    return record
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
+    try:
+        record = make_student(args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"fairseq-kd-init-student: error: {err}")
+    print(
+        f"student: {len(record['encoder_layer_map'])} encoder and {len(record['decoder_layer_map'])} decoder "
+        f"layers from the teacher's {record['teacher_encoder_layers']} and {record['teacher_decoder_layers']} "
+        f"(strategy {record['strategy']})"
+    )
+    print(f"encoder layer map: {format_layer_map(record['encoder_layer_map'])}")
+    print(f"decoder layer map: {format_layer_map(record['decoder_layer_map'])}")
+    print(f"wrote {args.output} ({record['parameters']:,} parameters)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Translate sentences of a binarized split, by id, with the teacher and fairseq's own generator.
+
+The teacher runs through ``task.build_generator`` and ``task.inference_step``, the same
+``SequenceGenerator`` beam search that ``fairseq-generate`` uses, in-process. Unlike
+``fairseq-generate``, which drops the last batch when its size is not a multiple of
+``--required-batch-size-multiple`` and silently skips sentences longer than the model accepts
+unless told otherwise, every requested id either comes back translated or is named as too long
+(an error unless skipping was asked for), and batches are built from the requested ids only, in a
+fixed order (source length, then target length, then id), so that a shard translates the same
+way wherever and whenever it runs.
+"""
+
+import logging
+import types
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from fairseq import utils
+from fairseq.dataclass.configs import GenerationConfig
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_kd.distill_bitext.selection import Hypothesis
+from fairseq_kd.distill_bitext.shards import DistillDataError
+from fairseq_kd.teacher import Teacher
+
+logger = logging.getLogger(__name__)
+
+
+def load_split(data: str, split: str, source_lang: Optional[str], target_lang: Optional[str]) -> TranslationTask:
+    """A translation task over the binarized ``data`` directory with ``split`` loaded; the
+    language pair is inferred from the file names when not given."""
+    # the three fields fairseq fills from its global config by interpolation, set explicitly
+    cfg = TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang, dataset_impl=None,
+                            train_subset="train", required_seq_len_multiple=1)
+    try:
+        task = TranslationTask.setup_task(cfg)
+        task.load_dataset(split, combine=False)
+    except Exception as e:  # FileNotFoundError for a missing split, plain Exception for an unknown pair
+        raise DistillDataError(f"cannot load split {split!r} from {data}: {e}") from e
+    return task
+
+
+def load_teacher_models(task, teacher_path: str, fp16: bool, device: torch.device, dict_dir: Optional[str]):
+    """The teacher checkpoint(s) of ``teacher_path`` (``:``-separated) on ``device``, in fp16 if
+    asked (CUDA only), prepared for inference.
+
+    Loading goes through :meth:`fairseq_kd.teacher.Teacher.load`: fairseq's ``checkpoint_utils``
+    under the plugin's safe unpickling, with a check that each teacher's dictionaries are the
+    data's (a teacher fed ids from another vocabulary translates garbage without any error).
+    """
+    try:
+        teacher = Teacher.load(teacher_path, task, precision="fp16" if fp16 else "fp32", dict_dir=dict_dir)
+        teacher.to(device)
+    except (FileNotFoundError, ValueError) as e:
+        raise DistillDataError(str(e)) from e
+    return teacher.models
+
+
+class TeacherTranslator:
+    """Beam search with fairseq's ``SequenceGenerator`` over chosen sentences of a loaded split.
+
+    Args:
+        task: a translation task with ``split`` loaded (:func:`load_split`).
+        models: the teacher ensemble, already on ``device``.
+        gen_cfg: fairseq's generation settings (beam, nbest, max_len_a/b, lenpen, ...).
+        max_tokens, batch_size: batch limits (either may be None, not both).
+        skip_too_long: return sentences longer than the teacher accepts as skipped instead of
+            raising.
+    """
+
+    def __init__(self, task, split: str, models, gen_cfg: GenerationConfig, max_tokens: Optional[int],
+                 batch_size: Optional[int], device: torch.device, skip_too_long: bool = False):
+        if max_tokens is None and batch_size is None:
+            raise DistillDataError("give --max-tokens or --batch-size (or both)")
+        self.task, self.models, self.gen_cfg, self.device = task, models, gen_cfg, device
+        self.dataset = task.dataset(split)
+        self.max_tokens, self.batch_size, self.skip_too_long = max_tokens, batch_size, skip_too_long
+        for model in models:
+            model.prepare_for_inference_(types.SimpleNamespace(generation=gen_cfg))
+        self.generator = task.build_generator(models, gen_cfg)
+        self.max_source_positions = utils.resolve_max_positions(
+            task.max_positions(), *[m.max_positions() for m in models]
+        )[0]
+
+    @property
+    def has_references(self) -> bool:
+        return self.dataset.tgt is not None
+
+    def source_text(self, i: int) -> str:
+        """Sentence ``i``'s source as the binarized data holds it (units of the source dictionary)."""
+        return self.task.source_dictionary.string(self.dataset.src[i])
+
+    def reference_text(self, i: int) -> str:
+        return self.task.target_dictionary.string(self.dataset.tgt[i])
+
+    def _batches(self, ids: Sequence[int]) -> List[np.ndarray]:
+        src_sizes = self.dataset.src_sizes
+        tgt_sizes = self.dataset.tgt_sizes
+        order = sorted(ids, key=lambda i: (src_sizes[i], tgt_sizes[i] if tgt_sizes is not None else 0, i))
+        return self.dataset.batch_by_size(
+            np.array(order, dtype=np.int64), max_tokens=self.max_tokens, max_sentences=self.batch_size,
+            required_batch_size_multiple=1,
+        )
+
+    @torch.no_grad()
+    def translate(self, ids: Sequence[int], on_batch=None) -> Tuple[Dict[int, List[Hypothesis]], List[int]]:
+        """The n-best list (best first) of every sentence in ``ids`` that fits the teacher, and
+        the ids that do not fit (empty unless ``skip_too_long``). ``on_batch(n)`` is called
+        after each batch of ``n`` sentences."""
+        too_long = [i for i in ids if self.dataset.src_sizes[i] > self.max_source_positions]
+        if too_long and not self.skip_too_long:
+            raise DistillDataError(
+                f"{len(too_long)} source sentences (ids {too_long[:10]}) are longer than the teacher's "
+                f"{self.max_source_positions} positions; pass --skip-too-long to leave them out (counted "
+                "in the summary) or remove them from the data"
+            )
+        skip = set(too_long)
+        hypotheses = {}
+        tgt_dict = self.task.target_dictionary
+        strip = self.generator.symbols_to_strip_from_output
+        for batch in self._batches([i for i in ids if i not in skip]):
+            sample = self.dataset.collater([self.dataset[i] for i in batch])
+            if self.device.type == "cuda":
+                sample = utils.move_to_cuda(sample, device=self.device)
+            outputs = self.task.inference_step(self.generator, self.models, sample)
+            for sample_id, nbest in zip(sample["id"].tolist(), outputs):
+                hypotheses[sample_id] = [
+                    Hypothesis(tgt_dict.string(h["tokens"].int().cpu(), extra_symbols_to_ignore=strip),
+                               float(h["score"]), rank)
+                    for rank, h in enumerate(nbest[: self.gen_cfg.nbest])
+                ]
+            if on_batch is not None:
+                on_batch(len(batch))
+        return hypotheses, too_long

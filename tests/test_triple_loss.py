@@ -1,0 +1,135 @@
+"""triple_loss on real tiny fairseq transformers, against independent float64 computations."""
+
+import math
+
+import pytest
+import torch
+from fairseq import tasks
+
+from fairseq_kd.criterions.triple_loss import TripleLossCriterion
+from fairseq_kd.teacher import Teacher
+from test_word_kd import data_dir, make_sample, one_thread, parse, softmax64  # noqa: F401  (fixtures)
+
+EPS, T = 0.1, 2.0
+
+
+def build(data_dir, teacher_dim, *flags):  # noqa: F811
+    """(task, student of width 16, teacher of width ``teacher_dim``, sample, criterion cfg)."""
+    cfg = parse(data_dir, "--dropout", "0.0", "--label-smoothing", str(EPS), "--temperature", str(T), *flags,
+                criterion="triple_loss")
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    student = task.build_model(cfg.model)
+    teacher_cfg = parse(data_dir, "--dropout", "0.0", "--encoder-embed-dim", str(teacher_dim),
+                        "--decoder-embed-dim", str(teacher_dim), criterion="triple_loss")
+    torch.manual_seed(1)
+    teacher = tasks.setup_task(teacher_cfg.task).build_model(teacher_cfg.model)
+    task.student_widths = {"encoder": 16, "decoder": 16}
+    task._teacher = Teacher([teacher], precision="fp32")
+    return task, student, teacher, make_sample(task), cfg.criterion
+
+
+def decoder_states(model, net_input):
+    """Final decoder states by an explicit second route: fairseq's own extract_features."""
+    encoder_out = model.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+    states, _ = model.decoder.extract_features(net_input["prev_output_tokens"], encoder_out=encoder_out)
+    return states.double()
+
+
+def reference(student, teacher, sample, pad, projection=None):
+    net_input = sample["net_input"]
+    with torch.no_grad():
+        zs, zt = student(**net_input)[0].double(), teacher(**net_input)[0].double()
+        hs, ht = decoder_states(student, net_input), decoder_states(teacher, net_input)
+        if projection is not None:
+            hs = hs @ projection.weight.double().T
+    target = sample["target"]
+    vocab = zs.size(-1)
+    out = dict(ls=0.0, kl=0.0, cos=0.0)
+    for b in range(target.size(0)):
+        for t in range(target.size(1)):
+            y = int(target[b, t])
+            if y == pad:
+                continue
+            logp = torch.log(softmax64(zs[b, t]))
+            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
+            smooth[y] = 1 - EPS
+            out["ls"] += float(-(smooth * logp).sum())
+            p, q = softmax64(zs[b, t], T), softmax64(zt[b, t], T)
+            out["kl"] += float((q * (q.log() - p.log())).sum())
+            a, c = hs[b, t], ht[b, t]
+            out["cos"] += 1.0 - float(a @ c) / (math.sqrt(float(a @ a)) * math.sqrt(float(c @ c)))
+    return out
+
+
+def test_triple_loss_matches_independent_computation(data_dir):  # noqa: F811
+    task, student, teacher, sample, cfg = build(data_dir, 16, "--kd-weight", "0.7", "--nll-weight", "0.2",
+                                                "--cos-weight", "1.5")
+    crit = task.build_criterion(cfg)
+    loss, _, log = crit(student, sample)
+    ref = reference(student, teacher, sample, task.target_dictionary.pad())
+    assert float(loss) == pytest.approx(0.7 * T**2 * ref["kl"] + 0.2 * ref["ls"] + 1.5 * ref["cos"], rel=1e-5)
+    assert float(log["cos_loss"]) == pytest.approx(ref["cos"], rel=1e-5)
+    assert float(log["kd_loss"]) == pytest.approx(ref["kl"], rel=1e-5)
+    assert ref["cos"] > 0.1 * sample["ntokens"]  # random models: the states really differ
+    assert len(list(crit.parameters())) == 0  # equal widths: nothing to learn
+
+
+def test_cosine_is_zero_for_identical_student_and_teacher(data_dir):  # noqa: F811
+    task, student, teacher, sample, cfg = build(data_dir, 16)
+    task._teacher = Teacher([student], precision="fp32")
+    _, _, log = task.build_criterion(cfg)(student, sample)
+    assert float(log["cos_loss"]) == pytest.approx(0.0, abs=1e-4)
+    assert float(log["kd_loss"]) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_width_mismatch_is_an_error_that_names_the_fix(data_dir):  # noqa: F811
+    task, _, _, _, cfg = build(data_dir, 24)
+    with pytest.raises(ValueError, match=r"decoder 16 vs 24.*--width-mismatch project"):
+        task.build_criterion(cfg)
+
+
+def test_width_mismatch_projection_is_learned(data_dir):  # noqa: F811
+    task, student, teacher, sample, cfg = build(data_dir, 24, "--width-mismatch", "project")
+    crit = task.build_criterion(cfg)
+    projection = crit.projections["decoder"]
+    assert tuple(projection.weight.shape) == (24, 16)
+    loss, _, log = crit(student, sample)
+    ref = reference(student, teacher, sample, task.target_dictionary.pad(), projection)
+    assert float(log["cos_loss"]) == pytest.approx(ref["cos"], rel=1e-5)
+    loss.backward()
+    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    assert "projections.decoder.weight" in crit.state_dict()  # saved with the student's checkpoint
+
+
+def test_encoder_states_add_source_positions(data_dir):  # noqa: F811
+    task, student, teacher, sample, cfg = build(data_dir, 16, "--cos-states", "decoder+encoder")
+    _, _, log = task.build_criterion(cfg)(student, sample)
+    src = sample["net_input"]["src_tokens"]
+    pad = task.source_dictionary.pad()
+    with torch.no_grad():
+        es = student.encoder(src, src_lengths=sample["net_input"]["src_lengths"])["encoder_out"][0].double()
+        et = teacher.encoder(src, src_lengths=sample["net_input"]["src_lengths"])["encoder_out"][0].double()
+    enc_cos = 0.0
+    for b in range(src.size(0)):
+        for s in range(src.size(1)):
+            if int(src[b, s]) != pad:
+                a, c = es[s, b], et[s, b]
+                enc_cos += 1 - float(a @ c) / math.sqrt(float(a @ a) * float(c @ c))
+    dec_cos = reference(student, teacher, sample, task.target_dictionary.pad())["cos"]
+    assert float(log["cos_loss"]) == pytest.approx(dec_cos + enc_cos, rel=1e-5)
+    assert log["cos_positions"] == sample["ntokens"] + int(src.ne(pad).sum())
+
+
+def test_ensemble_is_refused_for_the_cosine_term(data_dir):  # noqa: F811
+    task, student, teacher, sample, cfg = build(data_dir, 16)
+    crit = task.build_criterion(cfg)
+    task._teacher = Teacher([teacher, teacher], precision="fp32")
+    with pytest.raises(ValueError, match="one teacher"):
+        crit(student, sample)
+
+
+def test_is_registered():
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    assert CRITERION_REGISTRY["triple_loss"] is TripleLossCriterion

@@ -42,10 +42,11 @@ _LAYER_KEY = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.+)$")
 def parse_layer_map(text: str) -> List[int]:
     """``"0,8,16"`` -> ``[0, 8, 16]``."""
     try:
-        layer_map = [int(index) for index in text.split(",")]
+        return [int(index) for index in text.split(",")]
     except ValueError:
-        raise ValueError(f"a layer map is comma-separated teacher layer indices such as 0,8,16, got {text!r}") from None
-    return layer_map
+        raise ValueError(
+            f"a layer map is comma-separated teacher layer indices such as 0,8,16, got {text!r}"
+        ) from None
 
 
 def every_nth_layers(teacher_layers: int, student_layers: int, side: str = "encoder") -> List[int]:
@@ -64,7 +65,8 @@ def spread_layers(teacher_layers: int, student_layers: int) -> List[int]:
     """First and last teacher layer kept, the rest evenly spaced (Shleifer & Rush, 2020).
 
     Layer ``i`` of ``k`` is ``round(i * (n - 1) / (k - 1))``, computed exactly and rounded half to
-    even; ``k == 1`` gives ``[0]``.
+    even, which gives both the paper's 12 -> 3 (0, 6, 11) and the authors' code's
+    6 -> 3 (0, 2, 5); ``k == 1`` gives ``[0]``.
     """
     if student_layers == 1:
         return [0]
@@ -192,19 +194,21 @@ def copy_teacher_layers(
         m = _LAYER_KEY.match(key)
         return m is not None and int(m.group(2)) not in layer_maps[m.group(1)]
 
-    missing = [f"{student} (teacher {teacher})" for student, teacher in sources.items() if teacher not in teacher_state]
+    missing = [key for key in dict.fromkeys(sources.values()) if key not in teacher_state]
     used = set(sources.values())
     unused = [key for key in teacher_state if key not in used and not left_out(key)]
     if missing or unused:
         raise ValueError(
             "the student's architecture differs from the teacher's beyond the number of layers:"
-            + (f"\n  student tensors the teacher lacks: {', '.join(missing[:5])}" if missing else "")
+            + (f"\n  teacher tensors the student needs but the teacher lacks: {', '.join(missing[:5])}"
+               if missing else "")
             + (f"\n  teacher tensors with no place in the student: {', '.join(unused[:5])}" if unused else "")
             + "\nBuild the student with the teacher's --arch and options; only --encoder-layers and "
             "--decoder-layers may differ"
         )
     mismatched = [
-        f"{student} {tuple(student_state[student].shape)} vs teacher {teacher} {tuple(teacher_state[teacher].shape)}"
+        f"{student} {tuple(student_state[student].shape)} vs teacher {teacher} "
+        f"{tuple(teacher_state[teacher].shape)}"
         for student, teacher in sources.items()
         if student_state[student].shape != teacher_state[teacher].shape
     ]
@@ -251,14 +255,16 @@ def init_student_from_teacher(
 def student_config(teacher_cfg: dict, encoder_layers: int, decoder_layers: int) -> dict:
     """The teacher's full config (as plain containers) with the student's depths.
 
-    A legacy ``argparse.Namespace`` model config becomes a plain dict, so the student checkpoint
-    holds nothing beyond torch's default ``weights_only`` allow-list and loads without the plugin.
-    Both flat (``encoder_layers``) and nested (``encoder.layers``) model configs are handled.
+    Legacy ``argparse.Namespace`` sections (fairseq keeps the model's config of argparse-defined
+    architectures such as ``transformer`` in one) become plain dicts, so the student checkpoint holds
+    nothing beyond torch's default ``weights_only`` allow-list and loads without the plugin. Both
+    flat (``encoder_layers``) and nested (``encoder.layers``) model configs are handled.
     """
-    cfg = copy.deepcopy(teacher_cfg)
+    cfg = {
+        section: dict(vars(value)) if isinstance(value, argparse.Namespace) else value
+        for section, value in copy.deepcopy(teacher_cfg).items()
+    }
     model_cfg = cfg["model"]
-    if isinstance(model_cfg, argparse.Namespace):
-        model_cfg = dict(vars(model_cfg))
     arch = model_cfg.get("arch") or model_cfg.get("_name")
     for side, depth in (("encoder", encoder_layers), ("decoder", decoder_layers)):
         found = False
@@ -273,7 +279,6 @@ def student_config(teacher_cfg: dict, encoder_layers: int, decoder_layers: int) 
                 f"the teacher's model config (arch {arch}) has no {side}_layers or {side}.layers "
                 "setting: layer copying needs an encoder-decoder architecture with a configurable depth"
             )
-    cfg["model"] = model_cfg
     return cfg
 
 

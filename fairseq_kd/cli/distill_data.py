@@ -11,6 +11,7 @@ merged when every shard is done. See docs/distill-data.md.
 """
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -47,7 +48,8 @@ def get_parser() -> argparse.ArgumentParser:
         "teacher's outputs as aligned text and as a binarized dataset fairseq-train reads.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("data", help="binarized data directory (fairseq-preprocess output) with the teacher's dictionaries")
+    parser.add_argument("data", help="binarized data directory (fairseq-preprocess output) with the teacher's "
+                        "dictionaries")
     io = parser.add_argument_group("input and output")
     io.add_argument("--teacher-path", required=True,
                     help="teacher checkpoint, or several joined by ':' to decode with their ensemble")
@@ -69,7 +71,8 @@ def get_parser() -> argparse.ArgumentParser:
     gen.add_argument("--nbest", type=int, default=None,
                      help="hypotheses kept per sentence (<= --beam); default: the beam for --select "
                      "closest, K for nbest-K, 1 for top1")
-    gen.add_argument("--max-len-a", type=float, default=0, help="generate at most max_len_a * source length + max_len_b tokens")
+    gen.add_argument("--max-len-a", type=float, default=0,
+                     help="generate at most max_len_a * source length + max_len_b tokens")
     gen.add_argument("--max-len-b", type=int, default=200, help="see --max-len-a")
     gen.add_argument("--min-len", type=int, default=1, help="minimum generation length")
     gen.add_argument("--lenpen", type=float, default=1, help="length penalty: scores are divided by length ** lenpen")
@@ -91,7 +94,8 @@ def get_parser() -> argparse.ArgumentParser:
     flt = parser.add_argument_group("filters (applied when merging; each reports how many pairs it removed)")
     flt.add_argument("--drop-empty", action="store_true", help="drop pairs whose hypothesis is empty")
     flt.add_argument("--max-ngram-repeats", type=int, default=None,
-                     help="drop pairs whose hypothesis repeats an n-gram (of --repeat-ngram-order) more than this many times")
+                     help="drop pairs whose hypothesis repeats an n-gram (of --repeat-ngram-order) more than "
+                     "this many times")
     flt.add_argument("--repeat-ngram-order", type=int, default=2, help="n-gram order for --max-ngram-repeats")
     flt.add_argument("--min-len-ratio", type=float, default=None,
                      help="drop pairs with hypothesis/source length (in tokens) below this")
@@ -124,11 +128,15 @@ def get_parser() -> argparse.ArgumentParser:
 def resolve_nbest(args) -> int:
     """The n-best size the selection needs, checked against the beam."""
     selection: Selection = args.select
+    if selection.k > args.beam:
+        raise DistillDataError(
+            f"--select {selection} keeps {selection.k} hypotheses per source: needs --beam >= {selection.k}"
+        )
     nbest = args.nbest or (args.beam if selection.mode == "closest" else selection.k)
-    if not 1 <= nbest <= args.beam:
-        raise DistillDataError(f"--nbest must lie in [1, --beam={args.beam}], got {nbest}")
-    if selection.mode == "nbest" and nbest < selection.k:
-        raise DistillDataError(f"--select {selection} keeps {selection.k} hypotheses: needs --nbest and --beam >= {selection.k}")
+    if not selection.k <= nbest <= args.beam:
+        raise DistillDataError(
+            f"--nbest must lie in [{selection.k}, --beam={args.beam}] for --select {selection}, got {nbest}"
+        )
     if selection.mode == "closest" and nbest < 2:
         raise DistillDataError("--select closest chooses among the n-best: needs --nbest (and --beam) >= 2")
     return nbest
@@ -148,8 +156,8 @@ def filter_config(args) -> FilterConfig:
 
 
 def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterConfig) -> dict:
-    """Everything that determines the output, for ``SPLIT.kd.args.json``; not the worker split, the merge
-    mode, the device or logging, which change where and how, not what."""
+    """Everything that determines the output, for ``SPLIT.kd.args.json``; not the worker split,
+    the merge mode, the device or logging, which change where and how, not what."""
     return {
         "format": 1,
         "data": os.path.abspath(args.data),
@@ -164,7 +172,7 @@ def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterCo
         "min_len": args.min_len, "lenpen": args.lenpen, "unkpen": args.unkpen,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
         "select": str(args.select), "metric": args.metric, "subword": args.subword,
-        "filters": vars(filters),
+        "filters": dataclasses.asdict(filters),
         "shard_size": args.shard_size,
         "skip_too_long": args.skip_too_long,
         "copy_splits": split_list(args.copy_splits),

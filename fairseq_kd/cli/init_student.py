@@ -13,6 +13,7 @@ The student is the teacher's architecture with the requested depths; see
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 from fairseq import checkpoint_utils, models, tasks
@@ -29,6 +30,15 @@ from fairseq_kd.student_init import (
     student_checkpoint,
     student_config,
 )
+from fairseq_kd.teacher import check_same_dictionary, find_teacher_dictionary_dir, load_teacher_dictionary
+
+
+def layer_map_argument(text: str):
+    """``parse_layer_map`` for argparse, whose own message would only name the function."""
+    try:
+        return parse_layer_map(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -44,6 +54,12 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's fairseq checkpoint")
     parser.add_argument("--output", required=True, metavar="FILE", help="where to write the student checkpoint")
+    parser.add_argument(
+        "--teacher-dict-dir",
+        metavar="DIR",
+        help="directory with the teacher's dict.SRC.txt/dict.TGT.txt (or dict.txt), checked against the data's; "
+        "default: the teacher checkpoint's directory, then the data directory it was trained on",
+    )
     parser.add_argument(
         "--encoder-layers",
         type=int,
@@ -67,14 +83,14 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--encoder-layer-map",
-        type=parse_layer_map,
+        type=layer_map_argument,
         metavar="I,J,...",
         help="with --strategy explicit: the teacher encoder layer copied into each student encoder layer, "
         "in increasing order, e.g. 0,8,16 (default: all teacher layers)",
     )
     parser.add_argument(
         "--decoder-layer-map",
-        type=parse_layer_map,
+        type=layer_map_argument,
         metavar="I,J,...",
         help="with --strategy explicit: the teacher decoder layer copied into each student decoder layer, "
         "in increasing order, e.g. 0,2,5 (default: all teacher layers)",
@@ -82,14 +98,20 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_teacher(path: str, data: str):
+def load_teacher(path: str, data: str, dict_dir: Optional[str] = None):
     """The teacher checkpoint's state, its config (with ``data`` as the task's data directory), the
-    task, and the teacher model loaded from it."""
+    task, and the teacher model loaded from it. The data's dictionaries must be the teacher's."""
     state = checkpoint_utils.load_checkpoint_to_cpu(path)
     cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") is not None else state["cfg"]
+    teacher_dicts = find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir)
     with open_dict(cfg):
         cfg.task.data = data
     task = tasks.setup_task(cfg.task)
+    for side, lang, data_dict in (
+        ("source", task.cfg.source_lang, task.source_dictionary),
+        ("target", task.cfg.target_lang, task.target_dictionary),
+    ):
+        check_same_dictionary(load_teacher_dictionary(teacher_dicts, lang), data_dict, side, teacher_dicts)
     model = models.build_model(cfg.model, task, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     return state, cfg, task, model
@@ -115,9 +137,10 @@ def make_student(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"teacher checkpoint not found: {args.teacher!r}")
     if os.path.realpath(args.output) == os.path.realpath(args.teacher):
         raise ValueError("--output is the teacher checkpoint itself; write the student elsewhere")
-    state, cfg, task, teacher = load_teacher(args.teacher, args.data)
+    state, cfg, task, teacher = load_teacher(args.teacher, args.data, args.teacher_dict_dir)
     teacher_state = teacher.state_dict()
-    owner = f"teacher {args.teacher} (arch {getattr(cfg.model, 'arch', None) or getattr(cfg.model, '_name', None)})"
+    arch = getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", None)
+    owner = f"teacher {args.teacher} (arch {arch})"
     teacher_depth = {side: count_layers(teacher_state, side, owner) for side in ("encoder", "decoder")}
     layer_maps = {
         side: choose_layer_map(

@@ -53,7 +53,8 @@ class FilterConfig:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-        if self.min_len_ratio is not None and self.max_len_ratio is not None and self.min_len_ratio > self.max_len_ratio:
+        bounds = (self.min_len_ratio, self.max_len_ratio)
+        if None not in bounds and bounds[0] > bounds[1]:
             raise ValueError(f"--min-len-ratio {self.min_len_ratio} is above --max-len-ratio {self.max_len_ratio}")
         if not 0 <= self.drop_lowest_score_percent < 100:
             raise ValueError(f"--drop-lowest-score-percent must lie in [0, 100), got {self.drop_lowest_score_percent}")

@@ -105,7 +105,8 @@ def merge(layout: ShardLayout, num_sentences: int, data: str, destdir: str, spli
         "pairs_written": len(kept),
         "copied_splits": copied,
     }
-    with atomic_output(split_state_path(destdir, split, "summary.json")) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        json.dump(summary, out, indent=1)
-        out.write("\n")
+    with atomic_output(split_state_path(destdir, split, "summary.json")) as tmp:
+        with open(tmp, "w", encoding="utf-8") as out:
+            json.dump(summary, out, indent=1)
+            out.write("\n")
     return summary

@@ -18,6 +18,7 @@ import contextlib
 import glob
 import json
 import os
+import socket
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from fairseq_kd.distill_bitext.selection import Hypothesis
@@ -65,11 +66,12 @@ def split_state_path(destdir: str, split: str, name: str) -> str:
 def atomic_output(path: str) -> Iterator[str]:
     """Yield a temporary path next to ``path`` to write to; on success rename it to ``path``.
 
-    The temporary name starts with a dot and carries the process id, so concurrent writers (two
-    workers merging at once) never share one, and a killed writer leaves no half-written ``path``.
+    The temporary name starts with a dot and carries the host name and process id, so concurrent
+    writers (two workers merging at once, on one machine or on several sharing the directory) never
+    share one, and a killed writer leaves no half-written ``path``.
     """
     directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    tmp = os.path.join(directory, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -138,7 +140,9 @@ def worker_shards(num_shards: int, num_workers: int, worker_id: int) -> List[int
     """The shards worker ``worker_id`` of ``num_workers`` owns: every ``num_workers``-th one,
     starting at ``worker_id``, so that each worker gets a mix of the corpus."""
     if num_workers < 1 or not 0 <= worker_id < num_workers:
-        raise DistillDataError(f"need --num-workers >= 1 and 0 <= --worker-id < --num-workers, got {num_workers} and {worker_id}")
+        raise DistillDataError(
+            f"need --num-workers >= 1 and 0 <= --worker-id < --num-workers, got {num_workers} and {worker_id}"
+        )
     return list(range(worker_id, num_shards, num_workers))
 
 
@@ -150,7 +154,7 @@ def check_or_create_manifest(path: str, manifest: Dict) -> None:
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     if not os.path.exists(path):
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+        tmp = os.path.join(directory, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as out:
             json.dump(manifest, out, indent=1, sort_keys=True)
             out.write("\n")
@@ -169,6 +173,7 @@ def check_or_create_manifest(path: str, manifest: Dict) -> None:
             if stored.get(key) != manifest.get(key)
         ]
         raise DistillDataError(
-            f"{path}: this split was started with different arguments:\n" + "\n".join(diffs) + "\nResume with the same "
-            "arguments, or write to a new --destdir (shards made with other settings cannot be mixed)."
+            f"{path}: this split was started with different arguments:\n" + "\n".join(diffs)
+            + "\nResume with the same arguments, or write to a new --destdir (shards made with other settings "
+            "cannot be mixed)."
         )

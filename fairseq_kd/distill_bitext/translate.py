@@ -10,7 +10,6 @@ fixed order (source length, then target length, then id), so that a shard transl
 way wherever and whenever it runs.
 """
 
-import logging
 import types
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,8 +22,6 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_kd.distill_bitext.selection import Hypothesis
 from fairseq_kd.distill_bitext.shards import DistillDataError
 from fairseq_kd.teacher import Teacher
-
-logger = logging.getLogger(__name__)
 
 
 def load_split(data: str, split: str, source_lang: Optional[str], target_lang: Optional[str]) -> TranslationTask:

@@ -17,6 +17,7 @@ from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.hidden_states import state_widths
 from fairseq_kd.registry import register_task_once
+from fairseq_kd.student_init import STRATEGIES as STUDENT_INIT_STRATEGIES, init_student_from_teacher
 from fairseq_kd.teacher import PRECISIONS, Teacher, check_same_dictionary
 from fairseq_kd.teacher_cache import TeacherCache
 
@@ -53,6 +54,25 @@ class TranslationDistillConfig(TranslationConfig):
             "(fairseq-kd-cache-teacher --out <dir>/train ...), used in place of an online teacher: "
             "no teacher in memory; a split without a cache falls back to --teacher-path"
         },
+    )
+    student_init: ChoiceEnum(("none",) + STUDENT_INIT_STRATEGIES) = field(
+        default="none",
+        metadata={
+            "help": "initialise the student from the teacher's layers before training (docs/student-init.md): "
+            "every-nth = teacher layers 0, n, 2n, ...; spread = first and last layer, the rest evenly "
+            "spaced; explicit = --student-encoder-layer-map/--student-decoder-layer-map. The student needs "
+            "the teacher's architecture and widths; only the numbers of layers may differ"
+        },
+    )
+    student_encoder_layer_map: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --student-init explicit: the teacher encoder layer copied into each student "
+                  "encoder layer, e.g. 0,8,16 (default: all, for a student as deep as the teacher)"},
+    )
+    student_decoder_layer_map: Optional[str] = field(
+        default=None,
+        metadata={"help": "with --student-init explicit: the teacher decoder layer copied into each student "
+                  "decoder layer, e.g. 0,2,5 (default: all, for a student as deep as the teacher)"},
     )
     kd_data: Optional[str] = field(
         default=None,
@@ -103,6 +123,16 @@ class TranslationDistillTask(TranslationTask):
     """
 
     cfg: TranslationDistillConfig
+
+    @classmethod
+    def setup_task(cls, cfg: TranslationDistillConfig, **kwargs):
+        # Stored absolute, so that fairseq-validate, which rebuilds the task from the checkpoint's
+        # config, finds them from any working directory.
+        for name in ("teacher_path", "teacher_dict_dir", "teacher_cache", "kd_data", "extra_data"):
+            paths = getattr(cfg, name)
+            if paths:
+                setattr(cfg, name, ":".join(os.path.abspath(p) for p in utils.split_paths(paths) if p))
+        return super().setup_task(cfg, **kwargs)
 
     def __init__(self, cfg: TranslationDistillConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
@@ -209,7 +239,25 @@ class TranslationDistillTask(TranslationTask):
         self.student_widths = state_widths(model)  # for criterions that compare hidden states
         if not from_checkpoint and self.cfg.teacher_path:
             self._load_teacher()
+        if not from_checkpoint and self.cfg.student_init != "none":
+            self._init_student_from_teacher(model)
         return model
+
+    def _init_student_from_teacher(self, model):
+        """Copy the teacher's embeddings, output projection, norms and chosen layers into ``model``.
+
+        A resumed run loads checkpoint_last.pt after this, which then overrides the copy."""
+        teacher = self.loaded_teacher()
+        if len(teacher.models) > 1:
+            raise ValueError("--student-init copies the layers of one teacher; --teacher-path names an ensemble")
+        layer_maps = init_student_from_teacher(
+            model, teacher.models[0].state_dict(), self.cfg.student_init,
+            self.cfg.student_encoder_layer_map, self.cfg.student_decoder_layer_map,
+        )
+        logger.info(
+            f"student initialised from the teacher's layers ({self.cfg.student_init}): "
+            f"encoder {layer_maps['encoder']}, decoder {layer_maps['decoder']}"
+        )
 
     def _load_teacher(self) -> Teacher:
         self._teacher = Teacher.load(

@@ -122,7 +122,7 @@ def main():
     cache = os.path.join(args.work, f"cache-top{args.k}")
     for split in ("train", "valid"):  # the cache tool itself resumes, and does nothing when complete
         run([f"{BIN}/fairseq-kd-cache-teacher", "--teacher-path", teacher, "--teacher-dict-dir", args.teacher_dir,
-             "--data", bin_dir, "--split", split, "--k", str(args.k), "--out", os.path.join(cache, split), "--cpu",
+             bin_dir, "--split", split, "--k", str(args.k), "--destdir", os.path.join(cache, split), "--cpu",
              "--teacher-precision", "fp32"], log)
     results = {}
     for name, flags in (

@@ -109,6 +109,15 @@ def load_teacher_dictionary(directory: str, lang: Optional[str]) -> Dictionary:
     return Dictionary.load(path)
 
 
+def check_teacher_dictionaries(directory: str, task) -> None:
+    """Refuse a teacher whose dictionaries (in ``directory``) differ from ``task``'s, both sides."""
+    for side, lang, student_dict in (
+        ("source", task.cfg.source_lang, task.source_dictionary),
+        ("target", task.cfg.target_lang, task.target_dictionary),
+    ):
+        check_same_dictionary(load_teacher_dictionary(directory, lang), student_dict, side, directory)
+
+
 class Teacher:
     """One frozen translation model, or an ensemble of them, that produces logits for a batch.
 
@@ -138,12 +147,7 @@ class Teacher:
         for path in split_teacher_paths(teacher_path):
             state = checkpoint_utils.load_checkpoint_to_cpu(path)
             cfg = state["cfg"]
-            directory = find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir)
-            for side, lang, student_dict in (
-                ("source", task.cfg.source_lang, task.source_dictionary),
-                ("target", task.cfg.target_lang, task.target_dictionary),
-            ):
-                check_same_dictionary(load_teacher_dictionary(directory, lang), student_dict, side, directory)
+            check_teacher_dictionaries(find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir), task)
             model = models.build_model(cfg.model, task, from_checkpoint=True)
             model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
             n_params = sum(p.numel() for p in model.parameters())

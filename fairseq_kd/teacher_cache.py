@@ -79,8 +79,8 @@ def rebuild_hint(header: dict) -> str:
     """How to rebuild the cache that ``header`` describes for other data (for error messages)."""
     return (
         "rebuild the cache for the data the student trains on: fairseq-kd-cache-teacher "
-        f"--teacher-path {':'.join(t['path'] for t in header['teachers'])} --data <that data directory> "
-        f"--split <that split> --k {header['k']} --out <new cache dir>"
+        f"--teacher-path {':'.join(t['path'] for t in header['teachers'])} <that data directory> "
+        f"--split <that split> --k {header['k']} --destdir <new cache dir>"
     )
 
 
@@ -178,7 +178,7 @@ class TeacherCacheWriter:
         if differences:
             raise ValueError(
                 f"{self.cache_dir} holds a teacher cache built with other settings:\n" + "\n".join(differences)
-                + "\nRerun with the original arguments to resume or keep it, or pass another --out "
+                + "\nRerun with the original arguments to resume or keep it, or pass another --destdir "
                 "(or delete this directory) to build a new cache"
             )
 

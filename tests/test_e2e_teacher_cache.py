@@ -13,8 +13,8 @@ from test_e2e_word_kd import STUDENT_ARCH, logged
 def cache_dir(tiny_data, tiny_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     for split in ("train", "valid"):
-        run([cli("fairseq-kd-cache-teacher"), "--teacher-path", tiny_teacher, "--data", tiny_data / "bin",
-             "--split", split, "--k", "4", "--out", root / split, "--cpu", "--teacher-precision", "fp32"])
+        run([cli("fairseq-kd-cache-teacher"), "--teacher-path", tiny_teacher, tiny_data / "bin",
+             "--split", split, "--k", "4", "--destdir", root / split, "--cpu", "--teacher-precision", "fp32"])
     return root
 
 

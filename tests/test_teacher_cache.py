@@ -33,8 +33,8 @@ def load_task(tiny_data, left_pad_target=False, splits=("valid",)):
 def build(tiny_data, teacher, out, *extra, k=8, split="valid"):
     """Run the cache builder in this process; its summary."""
     args = get_parser().parse_args([
-        "--teacher-path", str(teacher), "--data", str(tiny_data / "bin"), "--split", split, "--k", str(k),
-        "--out", str(out), "--shard-size", str(SHARD_SIZE), "--max-tokens", "300", "--cpu",
+        "--teacher-path", str(teacher), str(tiny_data / "bin"), "--split", split, "--k", str(k),
+        "--destdir", str(out), "--shard-size", str(SHARD_SIZE), "--max-tokens", "300", "--cpu",
         "--teacher-precision", "fp32", *extra,
     ])
     return cache_teacher(args)
@@ -128,8 +128,8 @@ def test_resuming_with_other_settings_is_refused(tiny_data, tiny_teacher, valid_
         build(tiny_data, tiny_teacher, out, k=4)
     # the console script reports it as an error, also for a complete cache
     proc = subprocess.run(
-        [cli("fairseq-kd-cache-teacher"), "--teacher-path", str(tiny_teacher), "--data", str(tiny_data / "bin"),
-         "--split", "valid", "--k", "4", "--out", str(valid_cache[0]), "--shard-size", str(SHARD_SIZE), "--cpu",
+        [cli("fairseq-kd-cache-teacher"), "--teacher-path", str(tiny_teacher), str(tiny_data / "bin"),
+         "--split", "valid", "--k", "4", "--destdir", str(valid_cache[0]), "--shard-size", str(SHARD_SIZE), "--cpu",
          "--teacher-precision", "fp32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )

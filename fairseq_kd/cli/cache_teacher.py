@@ -1,11 +1,11 @@
 """``fairseq-kd-cache-teacher``: run the teacher once over a binarized split and store its top-k
 log-probabilities at every target position (see :mod:`fairseq_kd.teacher_cache` for the format).
 
-    fairseq-kd-cache-teacher --teacher-path teacher/checkpoint_best.pt --data data-bin \\
-        --split train --k 8 --out cache/train
+    fairseq-kd-cache-teacher --teacher-path teacher/checkpoint_best.pt data-bin \\
+        --split train --k 8 --destdir cache/train
 
 The teacher (or an ensemble, ``a.pt:b.pt``, whose probabilities are averaged) is teacher-forced on
-the target side of ``--data``: the gold translations, or the teacher's own when ``--data`` is a
+the target side of ``DATA``: the gold translations, or the teacher's own when ``DATA`` is a
 ``fairseq-kd-distill-data`` output. Build the cache for the directory and split the student trains
 on. The build proceeds in shards of ``--shard-size`` sentences; rerun the same command after an
 interruption and only the missing shards are computed.
@@ -45,14 +45,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-path", required=True,
                         help="teacher checkpoint, or several joined by ':' for an ensemble whose "
                         "probabilities are averaged; its dictionaries must equal the data's")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("data",
                         help="binarized data directory (fairseq-preprocess or fairseq-kd-distill-data "
                         "output) whose target side the teacher is teacher-forced on")
     parser.add_argument("--split", default="train", help="split to cache (default: train)")
-    parser.add_argument("-s", "--source-lang", default=None, help="source language (default: inferred from --data)")
-    parser.add_argument("-t", "--target-lang", default=None, help="target language (default: inferred from --data)")
+    parser.add_argument("-s", "--source-lang", default=None, help="source language (default: inferred from DATA)")
+    parser.add_argument("-t", "--target-lang", default=None, help="target language (default: inferred from DATA)")
     parser.add_argument("--k", type=int, default=8, help="entries kept per target position (default: 8)")
-    parser.add_argument("--out", required=True, help="cache directory to create or resume")
+    parser.add_argument("--destdir", required=True, help="cache directory to create or resume")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="maximum tokens per batch (default: 4096)")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -89,9 +89,9 @@ class IdRangeDataset(BaseWrapperDataset):
 
 
 def load_split(args):
-    """The translation task on ``--data`` and its ``--split`` pairs, loaded as fairseq-train does."""
+    """The translation task on ``DATA`` and its ``--split`` pairs, loaded as fairseq-train does."""
     if len(utils.split_paths(args.data)) != 1:
-        raise ValueError(f"--data takes one directory, got {args.data!r}: build one cache per directory")
+        raise ValueError(f"DATA takes one directory, got {args.data!r}: build one cache per directory")
     # the fields fairseq interpolates from its global config, set explicitly to fairseq's defaults
     cfg = TranslationConfig(
         data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
@@ -180,11 +180,11 @@ def cache_teacher(args) -> dict:
         "teachers": teacher_files(args.teacher_path),
         "teacher_precision": teacher.resolved_precision,
     }
-    writer = TeacherCacheWriter(args.out, settings, dataset.tgt_sizes, args.shard_size)
+    writer = TeacherCacheWriter(args.destdir, settings, dataset.tgt_sizes, args.shard_size)
     missing = writer.missing_shards()
     todo = missing[: args.stop_after_shards] if args.stop_after_shards is not None else missing
     if writer.complete:
-        logger.info(f"{args.out} already holds the complete cache: nothing to do")
+        logger.info(f"{args.destdir} already holds the complete cache: nothing to do")
     elif len(missing) < writer.num_shards:
         done = writer.num_shards - len(missing)
         logger.info(f"resuming: {done} of {writer.num_shards} shards done; computing shards {todo}")
@@ -237,7 +237,7 @@ def cache_teacher(args) -> dict:
         f"{'complete' if complete else 'incomplete (rerun to continue)'}: {summary['num_sentences']:,} sentences, "
         f"{summary['num_tokens']:,} target tokens; k={args.k} x (2 B float16 + {id_bytes} B "
         f"{writer.id_dtype.name}) = {summary['bytes_per_token']} B per token ({summary['bytes_per_token'] // args.k} "
-        f"B per token per k); total {summary['total_bytes'] / 2**20:,.2f} MiB in {args.out}"
+        f"B per token per k); total {summary['total_bytes'] / 2**20:,.2f} MiB in {args.destdir}"
     )
     return summary
 

@@ -30,7 +30,7 @@ from fairseq_kd.student_init import (
     student_checkpoint,
     student_config,
 )
-from fairseq_kd.teacher import check_same_dictionary, find_teacher_dictionary_dir, load_teacher_dictionary
+from fairseq_kd.teacher import check_teacher_dictionaries, find_teacher_dictionary_dir
 
 
 def layer_map_argument(text: str):
@@ -107,11 +107,7 @@ def load_teacher(path: str, data: str, dict_dir: Optional[str] = None):
     with open_dict(cfg):
         cfg.task.data = data
     task = tasks.setup_task(cfg.task)
-    for side, lang, data_dict in (
-        ("source", task.cfg.source_lang, task.source_dictionary),
-        ("target", task.cfg.target_lang, task.target_dictionary),
-    ):
-        check_same_dictionary(load_teacher_dictionary(teacher_dicts, lang), data_dict, side, teacher_dicts)
+    check_teacher_dictionaries(teacher_dicts, task)
     model = models.build_model(cfg.model, task, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     return state, cfg, task, model

@@ -51,7 +51,7 @@ class TranslationDistillConfig(TranslationConfig):
         default=None,
         metadata={
             "help": "directory of offline top-k teacher caches, one per split in <dir>/<split> "
-            "(fairseq-kd-cache-teacher --out <dir>/train ...), used in place of an online teacher: "
+            "(fairseq-kd-cache-teacher --destdir <dir>/train ...), used in place of an online teacher: "
             "no teacher in memory; a split without a cache falls back to --teacher-path"
         },
     )
@@ -183,7 +183,7 @@ class TranslationDistillTask(TranslationTask):
         elif split == self.cfg.train_subset or not self.cfg.teacher_path:
             raise FileNotFoundError(
                 f"no teacher cache for split {split!r} in {self.cfg.teacher_cache}: build it with "
-                f"fairseq-kd-cache-teacher --split {split} --out {cache_dir} ... (or, for a validation "
+                f"fairseq-kd-cache-teacher --split {split} --destdir {cache_dir} ... (or, for a validation "
                 "split, give --teacher-path to run the teacher online there)"
             )
 

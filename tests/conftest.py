@@ -25,6 +25,9 @@ COMMON_TRAIN = [
     "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2000", "--cpu",
     "--required-batch-size-multiple", "1", "--no-progress-bar", "--log-format", "simple",
     "--log-interval", "10", "--seed", "1", "--num-workers", "0", "--dropout", "0.0",
+    # no background prefetch thread: when training stops mid-epoch, fairseq's daemon thread can
+    # still be collating batches while the interpreter exits, which aborts the process (SIGABRT)
+    "--data-buffer-size", "0",
 ]
 
 

@@ -24,7 +24,8 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece",
     ],
-    extras_require={"test": ["pytest"]},
+    # matplotlib draws the recipes' BLEU-vs-parameters plot (the recipe test runs every recipe)
+    extras_require={"test": ["pytest", "matplotlib>=3.5"], "recipes": ["matplotlib>=3.5"]},
     entry_points={
         "console_scripts": [
             "fairseq-kd-user-dir=fairseq_kd.cli.user_dir:main",

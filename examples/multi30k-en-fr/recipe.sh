@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Multi30k English->French: a teacher and nine students of one size, one per distillation method
+# (the list is in examples/tools/multi30k_study.sh), scored with sacreBLEU on test_2016_flickr and
+# test_2017_flickr, with parameters and decoding speed, on the data shipped in data/multi30k.
+#
+#   bash examples/multi30k-en-fr/recipe.sh                 SCALE=tiny: a few minutes, checks the commands
+#   SCALE=full bash examples/multi30k-en-fr/recipe.sh      the benchmark: about a day on 2 CPU cores
+#   SCALE=full SEEDS="1 2 3" bash examples/multi30k-en-fr/recipe.sh
+#
+# Rerun the same command to resume after an interruption: finished steps are skipped. Settings
+# (WORK, THREADS, SEEDS, ...) are described in examples/tools/recipe_lib.sh; the guide is
+# docs/recipes.md. python, with fairseq and this plugin installed, must be on PATH.
+set -euo pipefail
+# shellcheck source=../tools/multi30k_study.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/multi30k_study.sh"
+multi30k_study en fr

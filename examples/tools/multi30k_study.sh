@@ -1,0 +1,69 @@
+# shellcheck shell=bash
+# multi30k_study.sh: the study both Multi30k recipes run (examples/multi30k-en-de/recipe.sh and
+# examples/multi30k-en-fr/recipe.sh), on the data shipped in data/multi30k. Sourced, not run.
+#
+# A teacher, its translations of the training sources (sequence-level KD data), and students that
+# all have one architecture (the teacher's widths, fewer layers), trained for the same number of
+# updates with each distillation method of the plugin:
+#
+#   baseline          gold pairs only, label-smoothed cross-entropy
+#   word_kd           word-level KD from the online teacher (Hinton et al. 2015; Kim & Rush 2016)
+#   seq_kd            the teacher's translations only (Kim & Rush 2016 sequence-level KD)
+#   seq_kd_interp     gold and teacher targets of each source, weighted 1:1 (seq_kd_interp)
+#   base_kd           gold pairs plus teacher pairs as one training set (Gordon & Duh 2019)
+#   hybrid_kd         gold NLL + teacher-target NLL + word-level KD (NVIDIA's best recipe)
+#   triple_loss       KD + NLL + cosine of hidden states, from the teacher's layers (DistilBERT)
+#   low_data          5% of the gold pairs and the teacher's translations of all sources, drawn 1:2
+#   seq_kd_then_gold  seq_kd, then fine-tuned on the gold pairs (QuillBot's order)
+
+# shellcheck source=recipe_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
+
+# multi30k_study SRC TGT
+multi30k_study() {
+    recipe_begin "multi30k-$1-$2" "$1" "$2"
+    # layers: encoder decoder; widths: d_model ffn heads
+    local teacher_size student_size teacher_arch
+    if [[ $SCALE == tiny ]]; then
+        teacher_size=(2 2 32 64 2) student_size=(1 1 32 64 2)
+    else
+        # Teacher: 3+3 layers, d=256, ffn 1024 (7.6M parameters with the 8k vocabulary; a teacher
+        # of this shape reaches about 36 BLEU on test_2016_flickr en-de in 2,000 updates).
+        # Students: the same widths, which the triple-loss student needs to start from the
+        # teacher's layers, with a 2-layer encoder and a 1-layer decoder (4.7M parameters; the
+        # shallow decoder is what makes decoding fast).
+        teacher_size=(3 3 256 1024 4) student_size=(2 1 256 1024 4)
+    fi
+    transformer_arch "${teacher_size[@]}" --dropout 0.3
+    teacher_arch=("${ARCH[@]}")
+    transformer_arch "${student_size[@]}" --dropout 0.3
+    STUDENT_ARCH=("${ARCH[@]}")
+
+    prepare_multi30k
+    teacher "${teacher_arch[@]}"
+    distill kd top1
+    init_student spread --encoder-layers "${student_size[0]}" --decoder-layers "${student_size[1]}" \
+        --strategy spread
+
+    local online=(--task translation_distill --teacher-path "$TEACHER")
+    local paired=(--task translation_distill --kd-data "$WORK/kd")
+    BASELINE=baseline
+    student baseline "gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
+    student word_kd "word-level KD, alpha 0.5, T 1" "$BIN" "${online[@]}" \
+        --criterion word_kd --alpha 0.5 --temperature 1
+    student seq_kd "seq-KD: teacher targets only" "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
+    student seq_kd_interp "seq_kd_interp, alpha 0.5" "$BIN" "${paired[@]}" \
+        --criterion seq_kd_interp --alpha 0.5 --label-smoothing 0.1
+    student base_kd "gold + teacher pairs (base+kd)" "$BIN" "${paired[@]}" \
+        --kd-data-mode concat "${LABEL_SMOOTHED[@]}"
+    student hybrid_kd "hybrid_kd, T 1" "$BIN" "${paired[@]}" --teacher-path "$TEACHER" \
+        --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
+    student triple_loss "triple_loss, init from teacher layers" "$BIN" "${online[@]}" \
+        --criterion triple_loss --finetune-from-model "$WORK/spread.pt"
+    student low_data "5% gold + teacher pairs, 1:2" "$BIN" "${paired[@]}" \
+        --kd-data-mode ratio --mix-ratios 1:2 --gold-fraction 0.05 "${LABEL_SMOOTHED[@]}"
+    finetune seq_kd_then_gold "seq-KD, then gold (QuillBot order)" seq_kd "$BIN" \
+        --task translation "${LABEL_SMOOTHED[@]}"
+
+    run_recipe "Multi30k $1-$2: knowledge distillation methods, students of one size"
+}

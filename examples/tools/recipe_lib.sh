@@ -1,0 +1,262 @@
+# shellcheck shell=bash
+# recipe_lib.sh: the part every recipe under examples/ shares. Sourced by a recipe, not run.
+#
+# A recipe calls recipe_begin, sets its model sizes (transformer_arch), then calls the blocks
+# below (prepare_data, teacher, distill, init_student, student, finetune) and finally run_recipe.
+# The blocks run nothing themselves: each appends steps to WORK/plan.tsv, a step being a name,
+# the output it makes and the command that makes it. run_recipe adds the speed measurement and the
+# report and hands the plan to run_plan.py, which runs every step whose output does not exist yet
+# (commands write OUTPUT.partial, renamed on success), so a recipe resumes where it stopped; delete
+# an output to redo its step (and the steps that used it). WORK/plan.tsv and `DRY_RUN=1` show
+# every command.
+#
+# Settings, from the environment (a recipe may set its own defaults before recipe_begin):
+#   SCALE      tiny (default): a slice of Multi30k and tiny models, a few minutes in all, to check
+#              the commands; full: the benchmark (hours to days, see docs/recipes.md)
+#   WORK       work directory (default work/recipes/NAME-SCALE)
+#   THREADS    CPU threads for torch (default: 1 at tiny scale, where tiny models gain nothing from
+#              more, else all cores; on a machine shared with other jobs use fewer: OpenMP threads
+#              that wait for a busy core slow training down many times over)
+#   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
+#   RESULTS    directory of the results table and plot (default: docs/results at full scale,
+#              WORK at tiny scale)
+#   TRAIN_FLAGS  extra fairseq-train flags for every model, e.g. "--fp16 --update-freq 4" on GPUs
+#   DRY_RUN    1: print the commands and whether each is done, run nothing
+#   PYTHON     the interpreter that has fairseq and the plugin (default: python)
+
+TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$TOOLS/../.." && pwd)
+PLUGIN=$REPO/fairseq_kd
+MULTI30K=$REPO/data/multi30k
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# recipe_begin NAME SRC TGT: settings, an empty plan and model list.
+recipe_begin() {
+    RECIPE=$1 SRC=$2 TGT=$3
+    SCALE=${SCALE:-tiny}
+    [[ $SCALE == tiny || $SCALE == full ]] || die "SCALE must be tiny or full, not '$SCALE'"
+    WORK=${WORK:-$REPO/work/recipes/$RECIPE-$SCALE}
+    SEEDS=${SEEDS:-1}
+    PYTHON=${PYTHON:-python}
+    if [[ $SCALE == tiny ]]; then
+        # A slice of the data, models of a few thousand parameters, tens of updates: checks that
+        # every command runs and that the outputs are counted and scored, not the methods' worth.
+        # Barely trained models repeat tokens until the length limit: generation is capped.
+        RESULTS=${RESULTS:-$WORK} THREADS=${THREADS:-1}
+        TRAIN_LINES=${TRAIN_LINES:-300} EVAL_LINES=${EVAL_LINES:-30} SPEED_LINES=${SPEED_LINES:-10}
+        VOCAB=${VOCAB:-1000} SPM_SENTENCES=${SPM_SENTENCES:-0}
+        MAX_TOKENS=${MAX_TOKENS:-1024} LR=${LR:-5e-3} WARMUP=${WARMUP:-5} LOG_INTERVAL=${LOG_INTERVAL:-5}
+        TEACHER_UPDATES=${TEACHER_UPDATES:-30} STUDENT_UPDATES=${STUDENT_UPDATES:-12}
+        FINETUNE_UPDATES=${FINETUNE_UPDATES:-4}
+        BEAM=${BEAM:-2} LARGE_BATCH=${LARGE_BATCH:-64}
+        GEN_LIMITS=(--max-len-a 0 --max-len-b 20)
+    else
+        RESULTS=${RESULTS:-$REPO/docs/results} THREADS=${THREADS:-$(nproc)}
+        TRAIN_LINES=${TRAIN_LINES:-} EVAL_LINES=${EVAL_LINES:-} SPEED_LINES=${SPEED_LINES:-500}
+        VOCAB=${VOCAB:-8000} SPM_SENTENCES=${SPM_SENTENCES:-5000000}
+        MAX_TOKENS=${MAX_TOKENS:-4096} LR=${LR:-1e-3} WARMUP=${WARMUP:-600} LOG_INTERVAL=${LOG_INTERVAL:-100}
+        TEACHER_UPDATES=${TEACHER_UPDATES:-2000} STUDENT_UPDATES=${STUDENT_UPDATES:-2000}
+        FINETUNE_UPDATES=${FINETUNE_UPDATES:-400}
+        BEAM=${BEAM:-5} LARGE_BATCH=${LARGE_BATCH:-128}
+        GEN_LIMITS=()
+    fi
+    export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+    mkdir -p "$WORK"
+    PLAN=$WORK/plan.tsv
+    MODELS=$WORK/models.tsv
+    : >"$PLAN"
+    printf 'name\tgroup\tlabel\trole\tseed\tdir\tbaseline\n' >"$MODELS"
+    BIN=$WORK/bin
+    SPM=$WORK/spm/spm.model
+    # TRAIN_FLAGS is split into words on purpose: it holds several flags.
+    # shellcheck disable=SC2206
+    TRAIN_COMMON=(
+        --user-dir "$PLUGIN" --share-all-embeddings
+        --optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 1.0
+        --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP"
+        --max-tokens "$MAX_TOKENS" --required-batch-size-multiple 1
+        --best-checkpoint-metric nll_loss --no-epoch-checkpoints --num-workers 0
+        --log-format simple --log-interval "$LOG_INTERVAL" ${TRAIN_FLAGS:-}
+    )
+    # the gold-data objective of every non-distilled model
+    LABEL_SMOOTHED=(--criterion label_smoothed_cross_entropy --label-smoothing 0.1)
+}
+
+# transformer_arch ENCODER_LAYERS DECODER_LAYERS D_MODEL FFN HEADS [FLAGS...]: sets ARCH to the
+# fairseq-train flags of that transformer, FLAGS (e.g. --dropout 0.3) appended.
+transformer_arch() {
+    # shellcheck disable=SC2034  # read by the recipes
+    ARCH=(--arch transformer --encoder-layers "$1" --decoder-layers "$2" --encoder-embed-dim "$3"
+        --decoder-embed-dim "$3" --encoder-ffn-embed-dim "$4" --decoder-ffn-embed-dim "$4"
+        --encoder-attention-heads "$5" --decoder-attention-heads "$5" "${@:6}")
+}
+
+# step NAME OUTPUT COMMAND...: add a step whose COMMAND writes OUTPUT.partial.
+# step_stdout NAME OUTPUT COMMAND...: the same, COMMAND's standard output being OUTPUT.partial.
+step() { _add_step 0 "$@"; }
+step_stdout() { _add_step 1 "$@"; }
+_add_step() {
+    local stdout=$1 name=$2 output=$3
+    shift 3
+    printf '%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$(printf '%q ' "$@")" >>"$PLAN"
+}
+
+# prepare_data TRAIN_PREFIX VALID_PREFIX NAME=TEST_PREFIX...: the corpus (at tiny scale its first
+# lines), a joint sentencepiece model, the encoded splits, and one binarized directory BIN with a
+# joined dictionary. fairseq names the binarized test sets test, test1, ... in the order given; the
+# speed split (the first SPEED_LINES sentences of the first test set) comes last.
+prepare_data() {
+    local train=$1 valid=$2
+    shift 2
+    TEST_NAMES=()
+    local tests=() limits=() testprefs=()
+    for test in "$@"; do
+        TEST_NAMES+=("${test%%=*}")
+        tests+=(--test "$test")
+        testprefs+=("$WORK/tok/${test%%=*}")
+    done
+    testprefs+=("$WORK/tok/speed")
+    SPEED_SUBSET=test${#TEST_NAMES[@]}
+    [[ -n $TRAIN_LINES ]] && limits+=(--train-lines "$TRAIN_LINES")
+    [[ -n $EVAL_LINES ]] && limits+=(--eval-lines "$EVAL_LINES")
+    local splits
+    splits=$(IFS=,; echo "train,valid,${TEST_NAMES[*]},speed")
+
+    step data "$WORK/raw" "$TOOLS/text.py" prepare --src "$SRC" --tgt "$TGT" --out "$WORK/raw.partial" \
+        --train "$train" --valid "$valid" "${tests[@]}" "${limits[@]}" --speed-lines "$SPEED_LINES"
+    step spm "$WORK/spm" "$TOOLS/text.py" spm-train --vocab-size "$VOCAB" --input-sentences "$SPM_SENTENCES" \
+        --model-prefix "$WORK/spm.partial/spm" "$WORK/raw/train.$SRC" "$WORK/raw/train.$TGT"
+    step encode "$WORK/tok" "$TOOLS/text.py" encode --model "$SPM" --src "$SRC" --tgt "$TGT" \
+        --raw-dir "$WORK/raw" --out-dir "$WORK/tok.partial" --splits "$splits"
+    step binarize "$BIN" fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
+        --workers "$THREADS" --trainpref "$WORK/tok/train" --validpref "$WORK/tok/valid" \
+        --testpref "$(IFS=,; echo "${testprefs[*]}")" --destdir "$BIN.partial"
+}
+
+# prepare_multi30k: prepare_data on the shipped Multi30k (SRC-TGT) with both its test sets. The
+# recipes for local data use it at tiny scale.
+prepare_multi30k() {
+    prepare_data "$MULTI30K/train" "$MULTI30K/val" \
+        "test_2016_flickr=$MULTI30K/test_2016_flickr" "test_2017_flickr=$MULTI30K/test_2017_flickr"
+}
+
+# prepare_local VAR "TEST...": prepare_data on a corpus of your own (never downloaded), in the
+# directory named by the environment variable VAR: train.SRC/TGT, valid.SRC/TGT and TEST.SRC/TGT for
+# each TEST, plain text. Fails at once, before any step runs, when a file is missing.
+prepare_local() {
+    local var=$1 dir=${!1:-} name file missing=() tests=()
+    # shellcheck disable=SC2206  # the test set names are split into words on purpose
+    local names=(train valid $2)
+    [[ -n $dir ]] || die "set $var to a directory holding ${names[*]}, each as NAME.$SRC and NAME.$TGT" \
+        "(SCALE=tiny needs none: it uses the shipped Multi30k)"
+    for name in "${names[@]}"; do
+        for file in "$dir/$name.$SRC" "$dir/$name.$TGT"; do
+            [[ -f $file ]] || missing+=("$file")
+        done
+        [[ $name == train || $name == valid ]] || tests+=("$name=$dir/$name")
+    done
+    ((${#missing[@]} == 0)) || die "$var=$dir lacks: ${missing[*]}"
+    prepare_data "$dir/train" "$dir/valid" "${tests[@]}"
+}
+
+# add_model NAME GROUP LABEL ROLE SEED DIR BASELINE: a model for the report; GROUP gathers a method's
+# seeds, BASELINE is the group it is tested against (none for the teacher).
+add_model() {
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$MODELS"
+}
+
+# translate NAME DIR: translate every test set with DIR/checkpoint_best.pt (fairseq-generate, all of
+# a test set's sentences must come back) into DIR/TEST.hyp, detokenized.
+translate() {
+    local name=$1 dir=$2 i subset test
+    for i in "${!TEST_NAMES[@]}"; do
+        test=${TEST_NAMES[$i]}
+        subset="test"
+        ((i > 0)) && subset=test$i
+        step_stdout "generate-$name-$test" "$dir/$test.generate" fairseq-generate "$BIN" --user-dir "$PLUGIN" \
+            --path "$dir/checkpoint_best.pt" --gen-subset "$subset" --beam "$BEAM" --batch-size "$LARGE_BATCH" \
+            --required-batch-size-multiple 1 --num-workers 0 "${GEN_LIMITS[@]}"
+        step "hypotheses-$name-$test" "$dir/$test.hyp" "$TOOLS/text.py" hypotheses --model "$SPM" \
+            --reference "$WORK/raw/$test.$TGT" --generate "$dir/$test.generate" --out "$dir/$test.hyp.partial"
+    done
+}
+
+# teacher FLAGS...: train the teacher on the gold data (FLAGS: its architecture, e.g. "${ARCH[@]}"),
+# translate with it.
+# Sets TEACHER, its checkpoint.
+teacher() {
+    step train-teacher "$WORK/teacher" fairseq-train "$BIN" "${TRAIN_COMMON[@]}" --task translation \
+        "${LABEL_SMOOTHED[@]}" "$@" --seed 1 --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher.partial"
+    TEACHER=$WORK/teacher/checkpoint_best.pt
+    add_model teacher teacher teacher teacher 1 "$WORK/teacher" -
+    translate teacher "$WORK/teacher"
+}
+
+# distill NAME SELECT: the teacher's beam-search translations of the training sources
+# (fairseq-kd-distill-data --select SELECT), binarized in WORK/NAME with the gold validation set.
+distill() {
+    step "distill-$1" "$WORK/$1" fairseq-kd-distill-data "$BIN" --teacher-path "$TEACHER" --split train \
+        --destdir "$WORK/$1.partial" --beam "$BEAM" --select "$2" "${GEN_LIMITS[@]}"
+}
+
+# init_student NAME FLAGS...: WORK/NAME.pt, a student with the teacher's widths whose layers are
+# copied from the teacher's (fairseq-kd-init-student FLAGS, e.g. --encoder-layers 1 --strategy spread).
+init_student() {
+    local name=$1
+    shift
+    step "init-$name" "$WORK/$name.pt" fairseq-kd-init-student "$BIN" --teacher "$TEACHER" \
+        --output "$WORK/$name.pt.partial" "$@"
+}
+
+# student NAME LABEL DATA FLAGS...: for each seed, train a student with STUDENT_ARCH on DATA (BIN or a
+# distill output) for STUDENT_UPDATES, fairseq-train's FLAGS choosing task and criterion; translate.
+# The report tests it against the student group named by BASELINE.
+student() {
+    local name=$1 label=$2
+    shift 2
+    _students "$name" "$label" "$STUDENT_UPDATES" "$@"
+}
+
+# finetune NAME LABEL FROM DATA FLAGS...: continue each seed's student FROM on DATA for FINETUNE_UPDATES
+# (a fresh optimizer and schedule, fairseq-train --finetune-from-model).
+finetune() {
+    local name=$1 label=$2 from=$3
+    shift 3
+    _students "$name" "$label" "$FINETUNE_UPDATES" "$@" \
+        --finetune-from-model "$WORK/students/$from-s@SEED@/checkpoint_best.pt"
+}
+
+# _students NAME LABEL UPDATES DATA FLAGS...: FLAGS may say @SEED@, replaced by each seed.
+_students() {
+    local name=$1 label=$2 updates=$3 data=$4 seed dir
+    shift 4
+    for seed in $SEEDS; do
+        dir=$WORK/students/$name-s$seed
+        step "train-$name-s$seed" "$dir" fairseq-train "$data" "${TRAIN_COMMON[@]}" "${STUDENT_ARCH[@]}" \
+            "${@//@SEED@/$seed}" --seed "$seed" --max-update "$updates" --save-dir "$dir.partial"
+        add_model "$name-s$seed" "$name" "$label" student "$seed" "$dir" "${BASELINE:?set BASELINE first}"
+        translate "$name-s$seed" "$dir"
+    done
+}
+
+# run_recipe TITLE: add the speed measurement (teacher and each method's first seed, batch 1 and
+# LARGE_BATCH, one step so that all are measured in the same run) and the report (BLEU with
+# signatures, paired bootstrap against each student's baseline, parameters, speed:
+# RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
+run_recipe() {
+    local title=$1
+    step speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
+        --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$LARGE_BATCH" "${GEN_LIMITS[@]}" \
+        --out "$WORK/speed.json.partial"
+    step report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
+        --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
+        --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json"
+    echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
+    local dry_run=()
+    [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)
+    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" "${dry_run[@]}"
+}

@@ -1,0 +1,238 @@
+"""A recipe's results: BLEU of the teacher and every student on every test set, with sacreBLEU's
+signature; mean and spread over seeds; a paired bootstrap test of each method against its baseline;
+parameters, compression and decoding speed. Writes OUT.md (a markdown table), OUT.png (BLEU against
+parameters) and a JSON file with every number.
+
+    python report.py --title TITLE --models models.tsv --tests NAME... \
+        --references RAW_DIR --tgt de --speed speed.json --scale full \
+        --out docs/results/multi30k-en-de --json WORK/results.json
+
+Each model's hypotheses are DIR/NAME.hyp (detokenized, one per reference line) and its weights
+DIR/checkpoint_best.pt; the references are RAW_DIR/NAME.TGT, raw text as distributed.
+"""
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from collections import OrderedDict
+
+import torch
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest
+
+import fairseq_kd  # noqa: F401  (lets torch.load read fairseq checkpoints safely)
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def count_parameters(checkpoint):
+    """Parameters of the model in a fairseq checkpoint, each tied tensor counted once (shared
+    embeddings appear under three names), version counters and positional buffers left out."""
+    state = torch.load(checkpoint, map_location="cpu")["model"]
+    seen, total = set(), 0
+    for name, tensor in state.items():
+        if name.endswith((".version", "_float_tensor")) or not tensor.is_floating_point():
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel()
+    return total
+
+
+def read_models(path):
+    """Groups in models.tsv order:
+    {group: {"label", "role", "baseline" (a group, or None), "runs": [{"name", "seed", "dir"}]}}."""
+    groups = OrderedDict()
+    with open(path, encoding="utf-8") as f:
+        for row in csv.DictReader(f, delimiter="\t"):
+            group = groups.setdefault(row["group"], {
+                "label": row["label"], "role": row["role"], "runs": [],
+                "baseline": None if row["baseline"] == "-" else row["baseline"],
+            })
+            group["runs"].append({"name": row["name"], "seed": int(row["seed"]), "dir": row["dir"]})
+    unknown = sorted({g["baseline"] for g in groups.values() if g["baseline"] and g["baseline"] not in groups})
+    if unknown:
+        sys.exit(f"{path}: baselines that are no model group: {', '.join(unknown)}")
+    return groups
+
+
+def score_test(groups, test, references):
+    """BLEU of every run on one test set, and the paired bootstrap p-value of each group's first run
+    against its baseline's first run. Returns (signature, bootstrap signature)."""
+    metric = BLEU()
+    hypotheses = {}
+    for group in groups.values():
+        for run in group["runs"]:
+            path = os.path.join(run["dir"], f"{test}.hyp")
+            lines = read_lines(path)
+            if len(lines) != len(references):
+                sys.exit(f"{path}: {len(lines)} hypotheses for {len(references)} references")
+            hypotheses[run["name"]] = lines
+            run.setdefault("bleu", {})[test] = metric.corpus_score(lines, [references]).score
+    signature = str(metric.get_signature())
+
+    # sacreBLEU's paired bootstrap resampling (Koehn 2004), once per baseline: its first system is
+    # the baseline, the others are the groups tested against it (each group's first seed)
+    bootstrap_signature = None
+    for baseline in dict.fromkeys(g["baseline"] for g in groups.values() if g["baseline"]):
+        tested = [g for name, g in groups.items() if g["baseline"] == baseline and name != baseline]
+        if not tested:
+            continue
+        systems = [groups[baseline]["runs"][0]["name"]] + [g["runs"][0]["name"] for g in tested]
+        signatures, results = PairedTest(
+            [(name, hypotheses[name]) for name in systems], {"BLEU": BLEU()}, [references],
+            test_type="bs", n_samples=BOOTSTRAP_SAMPLES,
+        )()
+        bootstrap_signature = str(signatures["BLEU"])
+        for group, result in zip(tested, results["BLEU"][1:], strict=True):
+            group.setdefault("p_value", {})[test] = result.p_value
+    return signature, bootstrap_signature
+
+
+def summarise(groups, tests, speed):
+    teacher = next(g for g in groups.values() if g["role"] == "teacher")
+    for group in groups.values():
+        group["parameters"] = count_parameters(os.path.join(group["runs"][0]["dir"], "checkpoint_best.pt"))
+        group["bleu"] = {}
+        for test in tests:
+            scores = [run["bleu"][test] for run in group["runs"]]
+            std = statistics.stdev(scores) if len(scores) > 1 else None
+            group["bleu"][test] = {"mean": statistics.mean(scores), "std": std, "seeds": scores}
+        group["speed"] = speed["sentences_per_second"].get(group["runs"][0]["name"], {})
+    for group in groups.values():
+        group["compression"] = round(teacher["parameters"] / group["parameters"], 2)
+
+
+def bleu_cell(bleu):
+    return f"{bleu['mean']:.2f}" + (f" ± {bleu['std']:.2f}" if bleu["std"] is not None else "")
+
+
+def p_cell(name, group, groups, test):
+    """The bootstrap p-value against the baseline, "baseline" for a baseline itself. sacreBLEU gives
+    an identical score p = 1/(samples + 1), as if the difference were significant: shown as "="."""
+    if group["baseline"] is None:
+        return ""
+    if group["baseline"] == name:
+        return "baseline"
+    if group["runs"][0]["bleu"][test] == groups[group["baseline"]]["runs"][0]["bleu"][test]:
+        return "="
+    p = group["p_value"][test]
+    return f"{p:.3f}" + (" *" if p < 0.05 else "")
+
+
+def markdown(args, groups, tests, speed, signature, bootstrap_signature):
+    seeds = sorted({run["seed"] for g in groups.values() if g["role"] == "student" for run in g["runs"]})
+    batch_sizes = [str(b) for b in speed["batch_sizes"]]
+    header = ["model", "method", "parameters", "compression"]
+    for test in tests:
+        header += [f"BLEU {test}", "p"]
+    header += [f"sent/s, batch {b}" for b in batch_sizes]
+    rows = []
+    for name, group in groups.items():
+        row = [name, group["label"], f"{group['parameters']:,}", f"{group['compression']:.2f}x"]
+        for test in tests:
+            row += [bleu_cell(group["bleu"][test]), p_cell(name, group, groups, test)]
+        row += [f"{group['speed'][b]:.1f}" if b in group["speed"] else "n/a" for b in batch_sizes]
+        rows.append(row)
+    lines = [
+        f"# {args.title}",
+        "",
+        f"Written by the recipe ({args.scale} scale) on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    spread = (f"mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; "
+              if len(seeds) > 1 else f"seed {seeds[0]}; ")
+    lines += [
+        "",
+        f"- BLEU: detokenized output against the raw references, {spread}beam {speed['beam']}. "
+        f"sacreBLEU signature: `{signature}`",
+        f"- p: paired bootstrap resampling of the first seed against the first seed of its baseline "
+        f"(sacreBLEU, `{bootstrap_signature}`); * marks p < 0.05, = the same score.",
+        "- compression: the teacher's parameters divided by the model's (tied embeddings counted once).",
+        f"- decoding speed: sentences per second of fairseq's beam search (generation calls only, after a "
+        f"warm-up batch) over the first {speed['sentences']} sentences of {tests[0]}, beam {speed['beam']}, "
+        f"on {speed['device']} with {speed['threads']} threads; every model measured in the same run, "
+        "one after the other.",
+    ]
+    if any(not group["speed"] for group in groups.values()):
+        lines.append("- n/a: a model added after the speed step ran; delete WORK/speed.json to measure all again.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(args, groups, tests, path):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    test = tests[0]
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for name, group in groups.items():
+        bleu = group["bleu"][test]
+        teacher = group["role"] == "teacher"
+        axes.errorbar(
+            group["parameters"], bleu["mean"], yerr=bleu["std"] or 0, fmt="*" if teacher else "o",
+            markersize=12 if teacher else 6, color="black" if teacher else None, capsize=3,
+        )
+        axes.annotate(name, (group["parameters"], bleu["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    axes.set_xscale("log")
+    axes.set_xlabel("parameters")
+    axes.set_ylabel(f"BLEU, {test}")
+    axes.set_title(args.title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, format="png")
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--models", required=True, help="models.tsv written by recipe_lib.sh")
+    parser.add_argument("--tests", nargs="+", required=True, help="test set names")
+    parser.add_argument("--references", required=True, help="directory with NAME.TGT reference files")
+    parser.add_argument("--tgt", required=True, help="target language")
+    parser.add_argument("--speed", required=True, help="speed.json written by speed.py")
+    parser.add_argument("--scale", required=True)
+    parser.add_argument("--out", required=True, help="OUT.md and OUT.png are written")
+    parser.add_argument("--json", required=True, help="every number, for scripts and tests")
+    args = parser.parse_args()
+
+    groups = read_models(args.models)
+    with open(args.speed, encoding="utf-8") as f:
+        speed = json.load(f)
+    signatures = {}
+    for test in args.tests:
+        references = read_lines(os.path.join(args.references, f"{test}.{args.tgt}"))
+        signatures[test] = score_test(groups, test, references)
+    summarise(groups, args.tests, speed)
+    signature, bootstrap_signature = signatures[args.tests[0]]
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    table = markdown(args, groups, args.tests, speed, signature, bootstrap_signature)
+    with open(f"{args.out}.md.partial", "w", encoding="utf-8") as f:
+        f.write(table)
+    os.replace(f"{args.out}.md.partial", f"{args.out}.md")
+    plot(args, groups, args.tests, f"{args.out}.png.partial")
+    os.replace(f"{args.out}.png.partial", f"{args.out}.png")
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump({"title": args.title, "scale": args.scale, "signature": signature,
+                   "bootstrap_signature": bootstrap_signature, "speed": speed, "models": groups}, f, indent=1)
+    print(f"wrote {args.out}.md, {args.out}.png and {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Every recipe under examples/ run end to end at SCALE=tiny (a slice of the shipped Multi30k, tiny
+models, tens of updates), so that none of their commands can rot: each must produce its results
+table and plot with one row per student method, every BLEU parsed, and every output counted."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_LINES, TRAIN_LINES, SPEED_LINES = 30, 300, 10  # recipe_lib.sh's tiny defaults
+TESTS = ["test_2016_flickr", "test_2017_flickr"]
+
+# one recipe runs two seeds per student, to check their mean and spread
+SEEDS = {"paracrawl-en-fr": "1 2"}
+
+# recipe -> (target language, its student methods in order); the longest first, for the two workers
+RECIPES = {
+    "wmt21-de-en": ("en", ["slim1x1_gold", "slim1x1_hybrid", "slim3x3_gold", "slim3x3_hybrid"]
+                    + [f"slim3x3_word_T{t}" for t in ("0.5", "1", "2", "5", "10")]
+                    + ["wide1x1_gold", "wide1x1_hybrid", "wide3x3_gold", "wide3x3_hybrid"]),
+    "multi30k-en-de": ("de", ["baseline", "word_kd", "seq_kd", "seq_kd_interp", "base_kd", "hybrid_kd",
+                              "triple_loss", "low_data", "seq_kd_then_gold"]),
+    "multi30k-en-fr": ("fr", ["baseline", "word_kd", "seq_kd", "seq_kd_interp", "base_kd", "hybrid_kd",
+                              "triple_loss", "low_data", "seq_kd_then_gold"]),
+    "paracrawl-en-fr": ("fr", ["baseline", "seq_kd", "seq_kd_then_gold", "gold_then_seq_kd"]),
+    "ted-de-en": ("en", ["base", "kd", "base_kd", "best2"]),
+}
+
+
+def run_recipe(name, work):
+    start = time.time()
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / name / "recipe.sh")],
+        env=dict(os.environ, SCALE="tiny", WORK=str(work), SEEDS=SEEDS.get(name, "1"), PYTHON=sys.executable,
+                 PYTHONWARNINGS="ignore"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+    )
+    return proc, time.time() - start
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory):
+    """Run every recipe, two at a time (one thread each, on two cores); name -> (work dir, process)."""
+    root = tmp_path_factory.mktemp("recipes")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_recipe, name, root / name) for name in RECIPES}
+    results = {}
+    for name, future in futures.items():
+        proc, seconds = future.result()
+        print(f"{name}: {seconds:.0f} s")
+        results[name] = (root / name, proc)
+    return results
+
+
+def finished(recipes, name):
+    work, proc = recipes[name]
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-5000:]}"
+    return work
+
+
+def count_lines(path):
+    return len(Path(path).read_text(encoding="utf-8").splitlines())
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_table_and_plot_have_every_student(recipes, name):
+    work = finished(recipes, name)
+    students = RECIPES[name][1]
+    results = json.loads((work / "results.json").read_text())
+    assert list(results["models"]) == ["teacher"] + students
+    # tiny scale writes the table and plot into the work directory, never into docs/
+    table = (work / f"{name}.md").read_text()
+    assert (work / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # past the header
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == ["teacher"] + students
+    assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in table  # sacreBLEU's signature
+    assert "bs:1000" in table  # the paired bootstrap's
+    seeds = len(SEEDS.get(name, "1").split())
+    for group_name, group in results["models"].items():
+        assert group["parameters"] > 0
+        assert set(group["speed"]) == {"1", "64"}, group_name
+        assert len(group["runs"]) == (1 if group_name == "teacher" else seeds)
+        for test in TESTS:
+            bleu = group["bleu"][test]
+            assert len(bleu["seeds"]) == len(group["runs"])
+            assert isinstance(bleu["mean"], float) and 0 <= bleu["mean"] <= 100
+            if len(bleu["seeds"]) > 1:
+                assert f"{bleu['mean']:.2f} ± {bleu['std']:.2f}" in table
+            else:
+                assert bleu["std"] is None and f"{bleu['mean']:.2f}" in table
+            if group_name not in ("teacher", group["baseline"]):
+                assert 0 < group["p_value"][test] <= 1
+    teacher = results["models"]["teacher"]["parameters"]
+    assert all(results["models"][s]["compression"] == round(teacher / results["models"][s]["parameters"], 2)
+               for s in students)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_output_is_counted(recipes, name):
+    work = finished(recipes, name)
+    tgt = RECIPES[name][0]
+    for split, lines in [("train", TRAIN_LINES), ("speed", SPEED_LINES)] + [(t, EVAL_LINES) for t in TESTS]:
+        assert count_lines(work / "raw" / f"{split}.{tgt}") == lines
+    with open(work / "models.tsv", encoding="utf-8") as f:
+        models = list(csv.DictReader(f, delimiter="\t"))
+    for model in models:
+        for test in TESTS:
+            assert count_lines(Path(model["dir"]) / f"{test}.hyp") == EVAL_LINES, (model["name"], test)
+    assert json.loads((work / "speed.json").read_text())["sentences"] == SPEED_LINES
+    for kd_dir in work.glob("kd*"):
+        summary = json.loads((kd_dir / "train.kd.summary.json").read_text())
+        per_source = 2 if summary["selection"] == "nbest-2" else 1
+        assert summary["sentences"] == TRAIN_LINES
+        assert summary["pairs_written"] == per_source * TRAIN_LINES
+
+
+def test_a_finished_recipe_reruns_only_its_report(recipes):
+    work = finished(recipes, "paracrawl-en-fr")
+    proc, _ = run_recipe("paracrawl-en-fr", work)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = [line for line in proc.stdout.splitlines() if line.endswith(")") and "] running" in line]
+    assert [line.split("]")[0] for line in ran] == ["[report"]
+
+
+def test_local_data_is_required_at_full_scale(tmp_path):
+    for name, variable in (("wmt21-de-en", "WMT21_DE_EN_DIR"), ("paracrawl-en-fr", "PARACRAWL_EN_FR_DIR"),
+                           ("ted-de-en", "TED_DE_EN_DIR")):
+        env = {k: v for k, v in os.environ.items() if k != variable}
+        proc = subprocess.run(
+            ["bash", str(REPO / "examples" / name / "recipe.sh")],
+            env=dict(env, SCALE="full", WORK=str(tmp_path / name), PYTHON=sys.executable),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+        )
+        assert proc.returncode != 0
+        assert f"set {variable} to a directory holding train valid " in proc.stdout
+        proc = subprocess.run(
+            ["bash", str(REPO / "examples" / name / "recipe.sh")],
+            env=dict(env, SCALE="full", WORK=str(tmp_path / name), PYTHON=sys.executable, **{variable: str(tmp_path)}),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60,
+        )
+        assert proc.returncode != 0
+        assert f"{variable}={tmp_path} lacks: {tmp_path}/train." in proc.stdout
+        assert not (tmp_path / name / "logs").exists()  # refused before running anything

@@ -80,6 +80,7 @@ recipe_begin() {
         --lr "$LR" --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP"
         --max-tokens "$MAX_TOKENS" --required-batch-size-multiple 1
         --best-checkpoint-metric nll_loss --no-epoch-checkpoints --num-workers 0
+        --data-buffer-size 0  # no prefetch thread: it can abort the process at exit (docs/troubleshooting.md)
         --log-format simple --log-interval "$LOG_INTERVAL" ${TRAIN_FLAGS:-}
     )
     # the gold-data objective of every non-distilled model

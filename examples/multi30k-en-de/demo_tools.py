@@ -1,5 +1,5 @@
 """Text helpers for demo.sh: sentencepiece training/encoding, reading fairseq-generate output back
-into detokenized sentences in input order, and sacreBLEU scoring.
+into detokenized sentences in input order, sacreBLEU scoring and parameter counts.
 
     python demo_tools.py train-spm --vocab-size 4000 --model-prefix DIR/spm FILE...
     python demo_tools.py encode --model DIR/spm.model --out-dir TOK FILE...

@@ -91,8 +91,12 @@ class KDCriterionBase(FairseqCriterion):
         if teacher_outputs is None:
             teacher_outputs = self.teacher_outputs(net_input, student_logits.device)
         teacher_logits = [logits.view(-1, vocab) for logits, _ in teacher_outputs]
-        teacher_nll = -losses.teacher_target_log_probs(teacher_logits, flat_target).masked_fill(flat_pad, 0.0).sum()
         teacher_lprobs = losses.teacher_log_probs(teacher_logits, self.temperature)
+        if self.temperature == 1.0:  # the KD distribution already is the teacher's own: no second pass
+            target_lprobs = teacher_lprobs.gather(-1, flat_target.unsqueeze(-1)).squeeze(-1)
+        else:
+            target_lprobs = losses.teacher_target_log_probs(teacher_logits, flat_target)
+        teacher_nll = -target_lprobs.masked_fill(flat_pad, 0.0).sum()
         del teacher_logits  # only the softened distribution is needed from here on
         kd = losses.distillation_loss(flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss)
         return kd, teacher_nll

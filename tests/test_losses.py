@@ -82,6 +82,20 @@ def make_kd_inputs(n=7, vocab=9, seed=0, scale=3.0):
     return student, teacher, pad_mask
 
 
+def label_smoothed(logits, target, eps, pad_mask):
+    """(smoothed, nll) of losses.student_losses without a teacher."""
+    smoothed, nll, kd = losses.student_losses(logits, target, pad_mask, eps)
+    assert kd is None
+    return smoothed, nll
+
+
+def distillation_loss(student_logits, teacher_lprobs, temperature, pad_mask, kind="kl", teacher_ids=None):
+    """The KD term alone of losses.student_losses, against a teacher given by its log-probabilities."""
+    target = torch.zeros(pad_mask.shape, dtype=torch.long)
+    teacher = losses.TeacherDistribution.from_log_probs(teacher_lprobs, teacher_ids)
+    return losses.student_losses(student_logits, target, pad_mask, 0.0, teacher, temperature, kind)[2]
+
+
 # ---------------------------------------------------------------------------------------------
 # check_alpha / check_temperature
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +130,7 @@ def test_check_temperature_accepts_positive(value):
 
 
 # ---------------------------------------------------------------------------------------------
-# label_smoothed_nll_loss
+# label smoothing (student_losses without a teacher)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -125,11 +139,11 @@ def test_label_smoothed_nll_by_hand():
     # loss = 0.8 ln 2 + 0.2 * 2 ln 2 = 1.2 ln 2, nll = ln 2. The pad row must not count.
     lprobs = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
     target = torch.tensor([0, PAD])
-    loss, nll = losses.label_smoothed_nll_loss(lprobs, target, 0.2, target.eq(PAD))
+    loss, nll = label_smoothed(lprobs, target, 0.2, target.eq(PAD))
     assert loss.item() == pytest.approx(1.2 * math.log(2), rel=1e-6)
     assert nll.item() == pytest.approx(math.log(2), rel=1e-6)
 
-    loss0, nll0 = losses.label_smoothed_nll_loss(lprobs, target, 0.0, target.eq(PAD))
+    loss0, nll0 = label_smoothed(lprobs, target, 0.0, target.eq(PAD))
     assert loss0.item() == pytest.approx(math.log(2), rel=1e-6)
     assert nll0.item() == pytest.approx(math.log(2), rel=1e-6)
 
@@ -145,7 +159,7 @@ def _ls_inputs(seed=0, n=10, vocab=8):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_label_smoothed_nll_matches_loop(eps):
     lprobs, target = _ls_inputs()
-    loss, nll = losses.label_smoothed_nll_loss(lprobs, target, eps, target.eq(PAD))
+    loss, nll = label_smoothed(lprobs, target, eps, target.eq(PAD))
     ref_loss, ref_nll = ref_label_smoothed(lprobs, target, eps, PAD)
     assert loss.item() == pytest.approx(ref_loss, rel=1e-6)
     assert nll.item() == pytest.approx(ref_nll, rel=1e-6)
@@ -156,7 +170,7 @@ def test_label_smoothed_nll_matches_loop(eps):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_label_smoothed_nll_matches_fairseq(eps):
     lprobs, target = _ls_inputs(seed=1)
-    loss, nll = losses.label_smoothed_nll_loss(lprobs, target, eps, target.eq(PAD))
+    loss, nll = label_smoothed(lprobs, target, eps, target.eq(PAD))
     fs_loss, fs_nll = fairseq_ls_nll(lprobs.clone(), target.clone(), eps, ignore_index=PAD)
     torch.testing.assert_close(loss, fs_loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(nll, fs_nll, rtol=1e-6, atol=1e-6)
@@ -166,33 +180,39 @@ def test_label_smoothed_nll_matches_fairseq(eps):
 def test_label_smoothed_nll_ignores_padding(eps):
     lprobs, target = _ls_inputs(seed=2)
     pad_mask = target.eq(PAD)
-    loss, nll = losses.label_smoothed_nll_loss(lprobs, target, eps, pad_mask)
+    loss, nll = label_smoothed(lprobs, target, eps, pad_mask)
 
     wild = lprobs.clone()
     wild[pad_mask] = -1e4 * torch.rand(int(pad_mask.sum()), lprobs.size(-1))
-    loss_w, nll_w = losses.label_smoothed_nll_loss(wild, target, eps, pad_mask)
+    loss_w, nll_w = label_smoothed(wild, target, eps, pad_mask)
     assert torch.equal(loss, loss_w) and torch.equal(nll, nll_w)
 
     # and it equals the loss over the non-pad rows alone
     keep = ~pad_mask
-    loss_k, nll_k = losses.label_smoothed_nll_loss(lprobs[keep], target[keep], eps, pad_mask[keep])
+    loss_k, nll_k = label_smoothed(lprobs[keep], target[keep], eps, pad_mask[keep])
     torch.testing.assert_close(loss, loss_k, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(nll, nll_k, rtol=1e-6, atol=1e-6)
 
 
-def test_label_smoothed_nll_gradient_is_zero_on_pad_rows():
-    lprobs, target = _ls_inputs(seed=3)
-    lprobs.requires_grad_(True)
+def test_label_smoothed_nll_gradient_is_closed_form_and_zero_on_pad_rows():
+    """d smoothed / dz = softmax(z) - t, t the smoothed one-hot target: 1 - eps on the gold token,
+    eps / (V - 1) elsewhere; d nll / dz = softmax(z) - one-hot; 0 on pad rows."""
+    logits, target = _ls_inputs(seed=3)
+    logits = (logits * 1.7).requires_grad_(True)  # raw logits, not normalised
     pad_mask = target.eq(PAD)
-    loss, _ = losses.label_smoothed_nll_loss(lprobs, target, 0.1, pad_mask)
-    loss.backward()
-    assert torch.all(lprobs.grad[pad_mask] == 0)
-    # d loss / d lprobs = -(smoothed one-hot target) on non-pad rows
-    vocab = lprobs.size(-1)
-    for i in torch.nonzero(~pad_mask).flatten().tolist():
-        expected = torch.full((vocab,), -0.1 / (vocab - 1))
-        expected[target[i]] = -0.9
-        torch.testing.assert_close(lprobs.grad[i], expected, rtol=1e-6, atol=1e-7)
+    vocab = logits.size(-1)
+    for eps, pick in ((0.1, 0), (0.0, 0), (0.1, 1)):
+        logits.grad = None
+        label_smoothed(logits, target, eps, pad_mask)[pick].backward()
+        for i in range(target.numel()):
+            if pad_mask[i]:
+                expected = torch.zeros(vocab, dtype=torch.float64)
+            else:
+                smoothing = eps if pick == 0 else 0.0
+                t = torch.full((vocab,), smoothing / (vocab - 1), dtype=torch.float64)
+                t[target[i]] = 1.0 - smoothing
+                expected = ref_softmax(logits[i].detach()) - t
+            torch.testing.assert_close(logits.grad[i].double(), expected, rtol=1e-5, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +290,7 @@ def test_teacher_log_probs_low_precision_logits_computed_in_fp32(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# distillation_loss
+# the KD term of student_losses
 # ---------------------------------------------------------------------------------------------
 
 
@@ -278,7 +298,7 @@ def test_teacher_log_probs_low_precision_logits_computed_in_fp32(dtype):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_distillation_loss_matches_loop(kind, temperature):
     student, teacher, pad_mask = make_kd_inputs(seed=7)
-    out = losses.distillation_loss(student, teacher, temperature, pad_mask, kind)
+    out = distillation_loss(student, teacher, temperature, pad_mask, kind)
     kl, ce, _ = ref_kd(student, teacher, temperature, pad_mask)
     expected = kl if kind == "kl" else ce
     assert out.dtype == torch.float32 and out.dim() == 0
@@ -292,13 +312,13 @@ def test_distillation_loss_by_hand():
     student = torch.tensor([[0.0, math.log(3.0)]])
     teacher = torch.log(torch.tensor([[0.5, 0.5]]))
     no_pad = torch.tensor([False])
-    kl1 = losses.distillation_loss(student, teacher, 1.0, no_pad, "kl").item()
-    ce1 = losses.distillation_loss(student, teacher, 1.0, no_pad, "ce").item()
+    kl1 = distillation_loss(student, teacher, 1.0, no_pad, "kl").item()
+    ce1 = distillation_loss(student, teacher, 1.0, no_pad, "ce").item()
     assert kl1 == pytest.approx(math.log(2) - 0.5 * math.log(3), rel=1e-6)
     assert ce1 == pytest.approx(2 * math.log(2) - 0.5 * math.log(3), rel=1e-6)
     s3 = math.sqrt(3.0)
     p2 = (1 / (1 + s3), s3 / (1 + s3))
-    kl2 = losses.distillation_loss(student, teacher, 2.0, no_pad, "kl").item()
+    kl2 = distillation_loss(student, teacher, 2.0, no_pad, "kl").item()
     assert kl2 == pytest.approx(0.5 * math.log(0.5 / p2[0]) + 0.5 * math.log(0.5 / p2[1]), rel=1e-6)
 
 
@@ -306,7 +326,7 @@ def test_distillation_loss_by_hand():
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_distillation_loss_ignores_padding(kind, temperature):
     student, teacher, pad_mask = make_kd_inputs(seed=8)
-    base = losses.distillation_loss(student, teacher, temperature, pad_mask, kind)
+    base = distillation_loss(student, teacher, temperature, pad_mask, kind)
 
     g = torch.Generator().manual_seed(9)
     n_pad = int(pad_mask.sum())
@@ -315,7 +335,7 @@ def test_distillation_loss_ignores_padding(kind, temperature):
     wild_teacher = teacher.clone()
     wild_teacher[pad_mask] = torch.log_softmax(torch.randn(n_pad, student.size(1), generator=g) * 1e3, -1)
     wild_student.requires_grad_(True)
-    moved = losses.distillation_loss(wild_student, wild_teacher, temperature, pad_mask, kind)
+    moved = distillation_loss(wild_student, wild_teacher, temperature, pad_mask, kind)
     assert torch.equal(base, moved.detach())
 
     moved.backward()
@@ -325,17 +345,17 @@ def test_distillation_loss_ignores_padding(kind, temperature):
     # sanity: the same change on a non-pad row does move the loss
     unpadded = student.clone()
     unpadded[0] += 5 * torch.arange(student.size(1), dtype=torch.float32)
-    assert abs(losses.distillation_loss(unpadded, teacher, temperature, pad_mask, kind).item() - base.item()) > 1e-2
+    assert abs(distillation_loss(unpadded, teacher, temperature, pad_mask, kind).item() - base.item()) > 1e-2
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_kl_zero_when_student_equals_teacher(temperature):
     student, _, pad_mask = make_kd_inputs(seed=10)
     teacher = torch.log_softmax(student.double() / temperature, dim=-1).float()
-    kl = losses.distillation_loss(student, teacher, temperature, pad_mask, "kl")
+    kl = distillation_loss(student, teacher, temperature, pad_mask, "kl")
     assert abs(kl.item()) < 1e-5
     # while CE is then the teacher entropy, clearly non-zero
-    ce = losses.distillation_loss(student, teacher, temperature, pad_mask, "ce")
+    ce = distillation_loss(student, teacher, temperature, pad_mask, "ce")
     _, _, ent = ref_kd(student, teacher, temperature, pad_mask)
     assert ent > 0.1
     assert ce.item() == pytest.approx(ent, rel=1e-5)
@@ -344,8 +364,8 @@ def test_kl_zero_when_student_equals_teacher(temperature):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_ce_minus_kl_is_teacher_entropy(temperature):
     student, teacher, pad_mask = make_kd_inputs(seed=11)
-    kl = losses.distillation_loss(student, teacher, temperature, pad_mask, "kl").item()
-    ce = losses.distillation_loss(student, teacher, temperature, pad_mask, "ce").item()
+    kl = distillation_loss(student, teacher, temperature, pad_mask, "kl").item()
+    ce = distillation_loss(student, teacher, temperature, pad_mask, "ce").item()
     _, _, ent = ref_kd(student, teacher, temperature, pad_mask)
     assert ce - kl == pytest.approx(ent, rel=1e-5)
     assert kl > 0.1  # the student differs from the teacher in this case
@@ -363,7 +383,7 @@ def test_zero_teacher_probabilities_finite_loss_and_gradients(kind, temperature)
     for i in (0, 3):
         teacher[i] = torch.log_softmax(teacher[i].double(), -1).float()
     student.requires_grad_(True)
-    out = losses.distillation_loss(student, teacher, temperature, pad_mask, kind)
+    out = distillation_loss(student, teacher, temperature, pad_mask, kind)
     assert torch.isfinite(out)
     kl, ce, _ = ref_kd(student.detach(), teacher, temperature, pad_mask)
     assert out.item() == pytest.approx(kl if kind == "kl" else ce, rel=1e-5)
@@ -381,7 +401,7 @@ def test_gradient_is_closed_form(kind, temperature):
     teacher[1, 2] = float("-inf")
     teacher[1] = torch.log_softmax(teacher[1].double(), -1).float()
     student.requires_grad_(True)
-    losses.distillation_loss(student, teacher, temperature, pad_mask, kind).backward()
+    distillation_loss(student, teacher, temperature, pad_mask, kind).backward()
     for i in range(student.size(0)):
         if pad_mask[i]:
             expected = torch.zeros(student.size(1), dtype=torch.float64)
@@ -396,7 +416,7 @@ def test_gradient_is_closed_form(kind, temperature):
 def test_distillation_loss_low_precision_student_computed_in_fp32(dtype):
     student, teacher, pad_mask = make_kd_inputs(seed=14)
     student = student.to(dtype)
-    out = losses.distillation_loss(student, teacher, 2.0, pad_mask, "kl")
+    out = distillation_loss(student, teacher, 2.0, pad_mask, "kl")
     assert out.dtype == torch.float32
     kl, _, _ = ref_kd(student.double(), teacher, 2.0, pad_mask)
     assert out.item() == pytest.approx(kl, rel=1e-5)
@@ -405,7 +425,7 @@ def test_distillation_loss_low_precision_student_computed_in_fp32(dtype):
 def test_distillation_loss_unknown_kind():
     student, teacher, pad_mask = make_kd_inputs()
     with pytest.raises(ValueError, match="unknown distillation loss kind 'mse'"):
-        losses.distillation_loss(student, teacher, 1.0, pad_mask, "mse")
+        distillation_loss(student, teacher, 1.0, pad_mask, "mse")
 
 
 @pytest.mark.parametrize("kind", ["kl", "ce"])
@@ -421,7 +441,7 @@ def test_gradcheck_float64(kind, temperature):
     pad_mask = torch.tensor([False, True, False, False, True])
 
     def fn(s):
-        return losses.distillation_loss(s, teacher, temperature, pad_mask, kind)
+        return distillation_loss(s, teacher, temperature, pad_mask, kind)
 
     assert fn(student).dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -433,7 +453,7 @@ def test_distillation_loss_many_chunks(monkeypatch, kind):
     monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 2 * 9)  # 2 positions of V = 9 per chunk
     student, teacher, pad_mask = make_kd_inputs(n=7, vocab=9, seed=16)
     student.requires_grad_(True)
-    out = losses.distillation_loss(student, teacher, 2.0, pad_mask, kind)
+    out = distillation_loss(student, teacher, 2.0, pad_mask, kind)
     kl, ce, _ = ref_kd(student.detach(), teacher, 2.0, pad_mask)
     assert out.item() == pytest.approx(kl if kind == "kl" else ce, rel=1e-5)
     out.backward()

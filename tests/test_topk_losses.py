@@ -15,6 +15,13 @@ def softmax64(row, temperature=1.0):
     return e / e.sum()
 
 
+def sparse_kd(student, top, temperature, pad_mask, kind):
+    """The KD term of losses.student_losses against the top-k teacher ``top`` (values, indices)."""
+    teacher = losses.topk_teacher_distribution(top.values, top.indices, temperature)
+    target = torch.zeros(pad_mask.shape, dtype=torch.long)
+    return losses.student_losses(student, target, pad_mask, 0.0, teacher, temperature, kind)[2]
+
+
 @pytest.fixture
 def case():
     g = torch.Generator().manual_seed(3)
@@ -30,7 +37,7 @@ def test_topk_teacher_is_the_renormalised_restriction_of_the_full_softmax(case, 
     _, teacher, _, k = case
     full_lprobs = torch.log_softmax(teacher, -1)  # what a cache stores (T = 1)
     top = full_lprobs.topk(k, dim=-1)
-    got = losses.topk_teacher_log_probs(top.values, temperature)
+    got = losses.topk_teacher_distribution(top.values, top.indices, temperature).probs.log()
     for i in range(teacher.size(0)):
         q_full = softmax64(teacher[i], temperature)
         restricted = q_full[top.indices[i]]
@@ -43,9 +50,8 @@ def test_topk_teacher_is_the_renormalised_restriction_of_the_full_softmax(case, 
 def test_sparse_distillation_loss_matches_loop(case, kind, temperature):
     student, teacher, pad_mask, k = case
     top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
-    q_lprobs = losses.topk_teacher_log_probs(top.values, temperature)
     z = student.clone().requires_grad_(True)
-    loss = losses.distillation_loss(z, q_lprobs, temperature, pad_mask, kind, teacher_ids=top.indices)
+    loss = sparse_kd(z, top, temperature, pad_mask, kind)
     loss.backward()
 
     expected, grad = 0.0, torch.zeros(student.shape, dtype=torch.float64)
@@ -67,31 +73,31 @@ def test_sparse_distillation_loss_matches_loop(case, kind, temperature):
 def test_sparse_equals_dense_with_zero_mass_elsewhere(case):
     student, teacher, pad_mask, k = case
     top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
-    q_lprobs = losses.topk_teacher_log_probs(top.values, 1.0)
-    dense = torch.full(teacher.shape, float("-inf")).scatter(1, top.indices, q_lprobs)
+    q_lprobs = losses.topk_teacher_distribution(top.values, top.indices, 1.0).probs.log()
+    dense = losses.TeacherDistribution.from_log_probs(
+        torch.full(teacher.shape, float("-inf")).scatter(1, top.indices, q_lprobs)
+    )
+    target = torch.zeros(pad_mask.shape, dtype=torch.long)
     for kind in ("kl", "ce"):
-        sparse = losses.distillation_loss(student, q_lprobs, 1.0, pad_mask, kind, teacher_ids=top.indices)
-        full = losses.distillation_loss(student, dense, 1.0, pad_mask, kind)
+        sparse = sparse_kd(student, top, 1.0, pad_mask, kind)
+        full = losses.student_losses(student, target, pad_mask, 0.0, dense, 1.0, kind)[2]
         assert float(sparse) == pytest.approx(float(full), rel=1e-6)
 
 
 def test_sparse_gradcheck_float64(case):
     student, teacher, pad_mask, k = case
     top = torch.log_softmax(teacher.double(), -1).topk(k, dim=-1)
-    q_lprobs = losses.topk_teacher_log_probs(top.values, 2.0)
     z = student.double().requires_grad_(True)
-    assert torch.autograd.gradcheck(
-        lambda x: losses.distillation_loss(x, q_lprobs, 2.0, pad_mask, "kl", teacher_ids=top.indices), (z,)
-    )
+    assert torch.autograd.gradcheck(lambda x: sparse_kd(x, top, 2.0, pad_mask, "kl"), (z,))
 
 
 def test_teacher_target_log_probs_averages_probabilities(case):
     student, teacher, _, _ = case
     target = torch.randint(0, teacher.size(1), (teacher.size(0),), generator=torch.Generator().manual_seed(0))
-    got = losses.teacher_target_log_probs([teacher, student], target)
+    got = losses.teacher_distribution([teacher, student], 2.0, target)[1]
     for i in range(teacher.size(0)):
         y = int(target[i])
         expected = math.log((float(softmax64(teacher[i])[y]) + float(softmax64(student[i])[y])) / 2)
         assert float(got[i]) == pytest.approx(expected, rel=1e-5)
-    single = losses.teacher_target_log_probs([teacher.to(torch.bfloat16)], target)
+    single = losses.teacher_distribution([teacher.to(torch.bfloat16)], 0.5, target)[1]
     assert single.dtype == torch.float32

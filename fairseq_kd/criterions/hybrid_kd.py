@@ -87,12 +87,14 @@ class HybridKDCriterion(KDCriterionBase):
         kd_total, kd_positions = 0.0, 0
         for prefix, net_input, target, nll_weight, nll_key in passes:
             net_output = model(**net_input)
-            smoothed, nll, pad_mask = self.student_nll(model, net_output, target)
+            with_kd = self.word_kd_weight > 0 and prefix in self.word_kd_prefixes
+            cache = cached_topk(sample) if prefix == "gold" else None
+            smoothed, nll, kd, teacher_nll, pad_mask = self.student_terms(
+                model, net_output, net_input, target, with_kd, cache
+            )
             loss = loss + nll_weight * smoothed
             log[nll_key] = nll.data
-            if self.word_kd_weight > 0 and prefix in self.word_kd_prefixes:
-                cache = cached_topk(sample) if prefix == "gold" else None
-                kd, teacher_nll = self.word_kd_term(net_output[0], net_input, target, pad_mask, cache)
+            if with_kd:
                 kd_total = kd_total + kd
                 kd_positions += int((~pad_mask).sum())
                 if teacher_nll is not None and prefix == "gold":

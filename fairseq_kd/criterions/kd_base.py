@@ -56,50 +56,41 @@ class KDCriterionBase(FairseqCriterion):
     def sample_size(self, sample):
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
-    def student_nll(self, model, net_output, target):
-        """(label-smoothed loss, plain NLL, pad mask) of ``target`` under the student, summed."""
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        pad_mask = target.eq(self.padding_idx)
-        loss, nll = losses.label_smoothed_nll_loss(
-            lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps, pad_mask.view(-1)
-        )
-        return loss, nll, pad_mask
+    def student_terms(self, model, net_output, net_input, target, with_kd=False, cached=None, teacher_outputs=None):
+        """The student's losses on ``target``, each summed over its non-pad positions.
 
-    def word_kd_term(self, student_logits, net_input, target, pad_mask, cached_topk=None, teacher_outputs=None):
-        """Word-level KD summed over the non-pad positions of ``target``.
-
-        The teacher is the offline top-k cache when ``cached_topk`` = (ids, log-probs), each
-        B x T x k and aligned with ``target`` (see :func:`losses.topk_teacher_log_probs` for the
-        renormalisation); otherwise the task's online teacher, fed ``net_input``: the same source
-        and target prefix the student saw (or its ``teacher_outputs`` for that input, if the caller
-        already ran it).
-
-        Returns:
-            (KD sum, the teacher's own NLL of ``target`` summed at T = 1, or None from a cache,
-            which does not hold the probability of every target token).
+        Returns ``(smoothed NLL, NLL, KD, teacher NLL, pad mask)``. Without ``with_kd``, KD and
+        teacher NLL are None. The KD term's teacher is the offline top-k cache when ``cached`` =
+        (ids, log-probs), each B x T x k and aligned with ``target`` (see
+        :func:`losses.topk_teacher_distribution` for the renormalisation; a cache has no teacher
+        NLL, as it does not hold every target token's probability); otherwise the task's online
+        teacher, fed ``net_input``, the same source and target prefix the student saw (or its
+        ``teacher_outputs`` for that input, if the caller already ran it). The student's logits
+        go through one fused loss (:func:`losses.student_losses`), not through a separate
+        log-softmax per term.
         """
-        vocab = student_logits.size(-1)
-        flat_logits, flat_target, flat_pad = student_logits.view(-1, vocab), target.view(-1), pad_mask.view(-1)
-        if cached_topk is not None:
-            ids, topk_lprobs = cached_topk
+        logits = net_output[0]
+        vocab = logits.size(-1)
+        flat_target = target.reshape(-1)
+        pad_mask = target.eq(self.padding_idx)
+        flat_pad = pad_mask.view(-1)
+        teacher, teacher_nll = None, None
+        if with_kd and cached is not None:
+            ids, topk_lprobs = cached
             k = ids.size(-1)
-            teacher_lprobs = losses.topk_teacher_log_probs(topk_lprobs.view(-1, k), self.temperature)
-            kd = losses.distillation_loss(
-                flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss, teacher_ids=ids.view(-1, k)
+            teacher = losses.topk_teacher_distribution(topk_lprobs.view(-1, k), ids.view(-1, k), self.temperature)
+        elif with_kd:
+            if teacher_outputs is None:
+                teacher_outputs = self.teacher_outputs(net_input, logits.device)
+            teacher, target_lprobs = losses.teacher_distribution(
+                [z.view(-1, vocab) for z, _ in teacher_outputs], self.temperature, flat_target
             )
-            return kd, None
-        if teacher_outputs is None:
-            teacher_outputs = self.teacher_outputs(net_input, student_logits.device)
-        teacher_logits = [logits.view(-1, vocab) for logits, _ in teacher_outputs]
-        teacher_lprobs = losses.teacher_log_probs(teacher_logits, self.temperature)
-        if self.temperature == 1.0:  # the KD distribution already is the teacher's own: no second pass
-            target_lprobs = teacher_lprobs.gather(-1, flat_target.unsqueeze(-1)).squeeze(-1)
-        else:
-            target_lprobs = losses.teacher_target_log_probs(teacher_logits, flat_target)
-        teacher_nll = -target_lprobs.masked_fill(flat_pad, 0.0).sum()
-        del teacher_logits  # only the softened distribution is needed from here on
-        kd = losses.distillation_loss(flat_logits, teacher_lprobs, self.temperature, flat_pad, self.kd_loss)
-        return kd, teacher_nll
+            teacher_nll = -target_lprobs.masked_fill_(flat_pad, 0.0).sum()
+        del teacher_outputs  # the teacher's logits are not needed past its distribution
+        smoothed, nll, kd = losses.student_losses(
+            logits.view(-1, vocab), flat_target, flat_pad, self.eps, teacher, self.temperature, self.kd_loss
+        )
+        return smoothed, nll, kd, teacher_nll, pad_mask
 
     def teacher_outputs(self, net_input, device):
         """The online teacher's ``(logits, extra)`` per ensemble member for ``net_input``."""

@@ -85,18 +85,21 @@ class TripleLossCriterion(KDCriterionBase):
         net_input = sample["net_input"]
         net_output = model(**net_input)
         target = model.get_targets(sample, net_output)
-        gold_loss, nll_loss, pad_mask = self.student_nll(model, net_output, target)
         teacher_outputs = self.teacher_outputs(net_input, target.device)
         if self.cos_weight > 0 and len(teacher_outputs) > 1:
             raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
-        kd_loss, teacher_nll = self.word_kd_term(net_output[0], net_input, target, pad_mask, teacher_outputs=teacher_outputs)
+        teacher_extra = teacher_outputs[0][1]
+        gold_loss, nll_loss, kd_loss, teacher_nll, pad_mask = self.student_terms(
+            model, net_output, net_input, target, with_kd=True, teacher_outputs=teacher_outputs
+        )
+        del teacher_outputs  # frees the teacher's logits; its hidden states stay in teacher_extra
         loss = self.kd_weight * self.temperature**2 * kd_loss + self.nll_weight * gold_loss
         log = {"nll_loss": nll_loss.data, "kd_loss": kd_loss.data, "teacher_nll_loss": teacher_nll.data,
                "kd_positions": sample["ntokens"]}
 
         if self.cos_weight > 0:
             student_states = self._project("decoder", decoder_final_states(model, net_output[1]))
-            teacher_states = decoder_final_states(self.task.loaded_teacher().models[0], teacher_outputs[0][1])
+            teacher_states = decoder_final_states(self.task.loaded_teacher().models[0], teacher_extra)
             width = teacher_states.size(-1)
             cos_loss = losses.cosine_distance_loss(
                 student_states.reshape(-1, width), teacher_states.reshape(-1, width), pad_mask.view(-1)

@@ -55,9 +55,8 @@ class WordKDCriterion(KDCriterionBase):
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
-        gold_loss, nll_loss, pad_mask = self.student_nll(model, net_output, target)
-        kd_loss, teacher_nll = self.word_kd_term(
-            net_output[0], sample["net_input"], target, pad_mask, cached_topk(sample)
+        gold_loss, nll_loss, kd_loss, teacher_nll, _ = self.student_terms(
+            model, net_output, sample["net_input"], target, with_kd=True, cached=cached_topk(sample)
         )
         loss = (1.0 - self.alpha) * gold_loss + self.alpha * self.temperature**2 * kd_loss
 

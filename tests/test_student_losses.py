@@ -1,0 +1,176 @@
+"""The fused student loss (label smoothing + NLL + KD in one pass) and the dense teacher
+distribution, against float64 references written with plain torch ops, and finite differences."""
+
+import math
+
+import pytest
+import torch
+
+from fairseq_kd import losses
+
+PAD = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def case(n=9, vocab=13, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3).to(dtype)
+    teacher = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 3
+    target = torch.randint(2, vocab, (n,), generator=g)
+    target[[1, n - 1]] = PAD
+    return student, teacher, target, target.eq(PAD)
+
+
+def reference(student, teacher_probs, target, pad_mask, eps, temperature, kind):
+    """(smoothed, nll, kd) in float64 with explicit log-softmax, sums and masks."""
+    z = student.double()
+    vocab = z.size(-1)
+    log_p = z - torch.logsumexp(z, -1, keepdim=True)
+    keep = (~pad_mask).double()
+    nll_rows = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    smooth_rows = -log_p.sum(-1)
+    eps_i = eps / (vocab - 1)
+    smoothed = ((1 - eps - eps_i) * nll_rows + eps_i * smooth_rows) * keep
+    log_pt = z / temperature - torch.logsumexp(z / temperature, -1, keepdim=True)
+    q = teacher_probs.double()
+    log_q = torch.where(q > 0, q.log(), torch.zeros_like(q))
+    kd_rows = (q * ((log_q if kind == "kl" else 0.0) - log_pt)).sum(-1)
+    return smoothed.sum(), (nll_rows * keep).sum(), (kd_rows * keep).sum()
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_three_terms_match_reference(temperature, eps, kind):
+    student, teacher, target, pad_mask = case(seed=1)
+    dist, _ = losses.teacher_distribution([teacher.float()], temperature)
+    got = losses.student_losses(student, target, pad_mask, eps, dist, temperature, kind)
+    want = reference(student, torch.softmax(teacher / temperature, -1), target, pad_mask, eps, temperature, kind)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert float(g) == pytest.approx(float(w), rel=2e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gradcheck_weighted_sum_of_all_terms(temperature, eps, sparse):
+    """The backward combines the three outputs' incoming gradients: finite differences of
+    0.7 * smoothed + 0.2 * nll + 1.3 * kd, in float64, with pad rows."""
+    student, teacher, target, pad_mask = case(n=6, vocab=7, seed=2, dtype=torch.float64)
+    if sparse:
+        top = torch.log_softmax(teacher, -1).topk(3, dim=-1)
+        dist = losses.topk_teacher_distribution(top.values, top.indices, temperature)
+    else:
+        dist = losses.TeacherDistribution.from_log_probs(torch.log_softmax(teacher / temperature, -1))
+
+    def fn(z):
+        smoothed, nll, kd = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "kl")
+        return 0.7 * smoothed + 0.2 * nll + 1.3 * kd
+
+    z = student.clone().requires_grad_(True)
+    assert fn(z).dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_closed_form_with_all_terms():
+    """d/dz [a * smoothed + b * nll + c * kd] = a (p - t) + b (p - e_y) + c (p_T - q_T) / T on kept
+    rows (t: the smoothed one-hot target), 0 on pad rows."""
+    student, teacher, target, pad_mask = case(seed=3)
+    eps, temperature, (a, b, c) = 0.2, 2.0, (0.6, 0.3, 0.9)
+    q = torch.softmax(teacher / temperature, -1)
+    dist = losses.TeacherDistribution.from_log_probs(q.log().float())
+    z = student.clone().requires_grad_(True)
+    smoothed, nll, kd = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "ce")
+    (a * smoothed + b * nll + c * kd).backward()
+    vocab = z.size(-1)
+    for i in range(z.size(0)):
+        if pad_mask[i]:
+            assert torch.all(z.grad[i] == 0)
+            continue
+        p = torch.softmax(student[i].double(), -1)
+        p_t = torch.softmax(student[i].double() / temperature, -1)
+        one_hot = torch.zeros(vocab, dtype=torch.float64)
+        one_hot[target[i]] = 1.0
+        t = one_hot * (1 - eps) + (1 - one_hot) * eps / (vocab - 1)
+        expected = a * (p - t) + b * (p - one_hot) + c * (p_t - q[i]) / temperature
+        torch.testing.assert_close(z.grad[i].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_many_chunks_same_losses_and_gradients(monkeypatch, temperature):
+    student, teacher, target, pad_mask = case(n=11, vocab=13, seed=4)
+
+    def run():
+        dist, target_lprobs = losses.teacher_distribution([teacher.float()], temperature, target)
+        z = student.clone().requires_grad_(True)
+        smoothed, nll, kd = losses.student_losses(z, target, pad_mask, 0.1, dist, temperature, "kl")
+        (smoothed + nll + kd).backward()
+        return [smoothed, nll, kd, target_lprobs, dist.log_normalizers, dist.neg_entropy, z.grad]
+
+    whole = run()
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 13)  # 3 rows per chunk, the last chunk partial
+    assert len(losses._chunks(11, 13)) == 4
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_fp32_math_and_gradient_dtype(dtype):
+    student, teacher, target, pad_mask = case(seed=5, dtype=dtype)
+    dist, _ = losses.teacher_distribution([teacher.to(dtype)], 2.0)
+    z = student.clone().requires_grad_(True)
+    got = losses.student_losses(z, target, pad_mask, 0.1, dist, 2.0, "kl")
+    want = reference(student, torch.softmax(teacher.to(dtype).double() / 2.0, -1), target, pad_mask, 0.1, 2.0, "kl")
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        assert float(g) == pytest.approx(float(w), rel=1e-5)
+    sum(got).backward()
+    assert z.grad.dtype == dtype and torch.isfinite(z.grad.float()).all()
+
+
+def test_without_teacher_kd_is_none_and_unknown_kind_refused():
+    student, _, target, pad_mask = case(seed=6)
+    assert losses.student_losses(student, target, pad_mask, 0.1)[2] is None
+    with pytest.raises(ValueError, match="unknown distillation loss kind 'mse'"):
+        losses.student_losses(student, target, pad_mask, 0.1, kind="mse")
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher_distribution (dense, online teacher)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_teacher_distribution_single_and_ensemble(temperature):
+    g = torch.Generator().manual_seed(7)
+    z1, z2 = (torch.randn(5, 11, generator=g, dtype=torch.float64) * 4 for _ in range(2))
+    target = torch.tensor([3, 0, 10, 2, 7])
+    for logits in ([z1], [z1, z2]):
+        dist, target_lprobs = losses.teacher_distribution([z.float() for z in logits], temperature, target)
+        q = sum(torch.softmax(z / temperature, -1) for z in logits) / len(logits)
+        at_one = sum(torch.softmax(z, -1) for z in logits) / len(logits)
+        probs = dist.chunk_probs(slice(None), torch.float32)
+        assert dist.ids is None and dist.probs is None  # recomputed from the logits, not stored
+        torch.testing.assert_close(probs.double(), q, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(dist.neg_entropy.double(), (q * q.log()).sum(-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(target_lprobs.double(), at_one.gather(-1, target[:, None]).squeeze(-1).log(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_distribution_zero_mass_and_underflow():
+    """A token with logit -inf has q = 0 and adds nothing to the entropy (no NaN); a target whose
+    probability underflows float32 still gets its exact log-probability."""
+    z1 = torch.tensor([[0.0, -1000.0, float("-inf")]])
+    z2 = torch.tensor([[0.0, -2000.0, float("-inf")]])
+    dist, target_lprobs = losses.teacher_distribution([z1, z2], 1.0, torch.tensor([1]))
+    assert dist.chunk_probs(slice(None), torch.float32).tolist() == [[1.0, 0.0, 0.0]]
+    assert float(dist.neg_entropy[0]) == 0.0
+    assert float(target_lprobs[0]) == pytest.approx(-1000.0 - math.log(2.0), abs=1e-3)

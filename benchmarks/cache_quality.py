@@ -45,6 +45,7 @@ def parse_args():
     parser.add_argument("--updates", type=int, default=1500, help="student updates, both runs")
     parser.add_argument("--k", type=int, default=8, help="cached entries per token")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of every step (OMP_NUM_THREADS)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "cache_quality.json"))
     return parser.parse_args()
 
@@ -114,6 +115,7 @@ def bleu(args, bin_dir, checkpoint, log):
 
 def main():
     args = parse_args()
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
     bin_dir = os.path.join(args.work, "bin")
@@ -138,7 +140,7 @@ def main():
         "what": "word_kd student (2+2 layers, d=128) from the online teacher vs from its top-k cache; "
                 "test_2016_flickr, beam 5, last checkpoint",
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "threads": args.threads, "python": platform.python_version()},
         "settings": vars(args), "results": results,
         "bleu_difference_cached_minus_online": round(results[f"cached_top{args.k}"]["bleu"] - results["online"]["bleu"], 2),
     }

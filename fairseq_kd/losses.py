@@ -11,7 +11,7 @@ Notation: ``z`` are logits over a vocabulary of size V, ``T`` is the distillatio
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,100 +39,33 @@ def check_temperature(value: float) -> None:
 class TeacherDistribution:
     """The teacher's softened distribution q_T at N positions, as :func:`student_losses` takes it.
 
-    Either stored: ``probs`` (N, V) over the whole vocabulary, or (N, k) with ``ids`` for a sparse
-    teacher whose other tokens have q_T = 0; or, for an online teacher, recomputed chunk by chunk
-    from its K members' ``logits`` (N, V) and ``log_normalizers`` (K, N), ``log sum_v exp(z_v / T)``::
+    Either stored probabilities: ``probs`` (N, V) over the whole vocabulary, or (N, k) with ``ids``
+    for a sparse teacher whose other tokens have q_T = 0, each row summing to 1, and
+    ``neg_entropy`` (N,), ``sum_v q_T(v) log q_T(v)``; or an online teacher's K members' raw
+    ``logits`` (N, V), from which :func:`student_losses` computes q_T chunk by chunk::
 
-        q_T = (1/K) * sum_k exp(z_k / T - log_normalizer_k)
+        q_T = (1/K) * sum_k softmax(z_k / T)
 
-    so that no (N, V) float32 distribution is allocated next to the logits. Each row sums to 1.
-    ``neg_entropy`` (N,) is ``sum_v q_T(v) log q_T(v)`` (with 0 log 0 = 0), what turns the
-    cross-entropy H(q_T, p_T) into KL(q_T || p_T).
+    (probabilities averaged, not logits), so that no (N, V) float32 distribution is allocated next
+    to the logits.
     """
 
-    neg_entropy: torch.Tensor
     probs: Optional[torch.Tensor] = None
+    neg_entropy: Optional[torch.Tensor] = None
     ids: Optional[torch.Tensor] = None
     logits: Sequence[torch.Tensor] = ()
-    log_normalizers: Optional[torch.Tensor] = None
-    temperature: float = 1.0
+
+    @classmethod
+    def from_logits(cls, logits: Sequence[torch.Tensor]) -> "TeacherDistribution":
+        """An online teacher (one or an ensemble) from each member's (N, V) logits, any float dtype."""
+        return cls(logits=list(logits))
 
     @classmethod
     def from_log_probs(cls, log_probs: torch.Tensor, ids: Optional[torch.Tensor] = None) -> "TeacherDistribution":
         """From log q_T, (N, V), or (N, k) with ``ids``; -inf marks a token with no teacher mass."""
         log_probs = log_probs.to(_compute_dtype(log_probs))
         probs = log_probs.exp()
-        return cls(torch.where(probs > 0, probs * log_probs, 0.0).sum(-1), probs, ids)
-
-    def chunk_probs(self, rows: slice, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q_T at the positions ``rows`` as ``dtype``, a tensor the caller may modify: ``out`` (a
-        scratch tensor of the chunk's shape) when q_T is recomputed from logits, else a new one."""
-        if self.probs is not None:
-            return self.probs[rows].to(dtype, copy=True)
-        total = None
-        for z, log_normalizer in zip(self.logits, self.log_normalizers):
-            z, q = z[rows], out if total is None and out is not None else None
-            q = torch.empty(z.shape, dtype=dtype, device=z.device) if q is None else q
-            if z.dtype == dtype and self.temperature == 1.0:
-                torch.sub(z, log_normalizer[rows].unsqueeze(-1), out=q)
-            else:
-                q.copy_(z).div_(self.temperature).sub_(log_normalizer[rows].unsqueeze(-1))
-            q.exp_()
-            total = q if total is None else total.add_(q)
-        if len(self.logits) > 1:
-            total /= len(self.logits)
-        return total
-
-
-def teacher_distribution(
-    teacher_logits: Sequence[torch.Tensor], temperature: float, target: Optional[torch.Tensor] = None
-) -> Tuple[TeacherDistribution, Optional[torch.Tensor]]:
-    """q_T of K online teachers, averaged in probability space, and their log-probability of ``target``.
-
-    ``q_T = (1/K) * sum_k softmax(z_k / T)`` for K teachers (one teacher: ``softmax(z / T)``).
-    The result keeps the logits and each member's log-normaliser (see :class:`TeacherDistribution`);
-    this pass, over chunks of positions in float32, computes those, the negative entropy and the
-    target log-probability (accumulated in log space with logaddexp, so that a target probability
-    below float32's range still has its exact log).
-
-    Args:
-        teacher_logits: K tensors of shape (N, V); any float dtype. They are kept, not copied.
-        temperature: T > 0.
-        target: (N,) token ids, or None.
-
-    Returns:
-        (q_T, ``log q(target)`` at T = 1 as (N,) float32, or None without ``target``).
-    """
-    n, vocab = teacher_logits[0].shape
-    device = teacher_logits[0].device
-    log_normalizers = torch.empty(len(teacher_logits), n, dtype=torch.float32, device=device)
-    neg_entropy = torch.empty(n, dtype=torch.float32, device=device)
-    target_lprobs = None if target is None else torch.empty(n, dtype=torch.float32, device=device)
-    log_q_buffer, work_buffer, *member_buffer = _scratch(2 + (len(teacher_logits) > 1), n, vocab, torch.float32, device)
-    for rows in _chunks(n, vocab):
-        size = len(range(n)[rows])
-        log_q, work = log_q_buffer[:size], work_buffer[:size]
-        for member, z in enumerate(teacher_logits):
-            x = _softened(z[rows], temperature, work)
-            log_p = torch.log_softmax(x, dim=-1, out=log_q if member == 0 else member_buffer[0][:size])
-            # log sum_v exp(x_v) = x_v - log p(v), read off at the most probable v (exact there)
-            top, top_ids = log_p.max(dim=-1, keepdim=True)
-            log_normalizers[member, rows] = (x.gather(-1, top_ids) - top).squeeze(-1)
-            if member > 0:
-                torch.logaddexp(log_q, log_p, out=log_q)
-        if len(teacher_logits) > 1:
-            log_q -= math.log(len(teacher_logits))
-        if target is not None:
-            at_one = log_q if temperature == 1.0 else teacher_log_probs([z[rows] for z in teacher_logits], 1.0)
-            target_lprobs[rows] = at_one.gather(-1, target[rows].unsqueeze(-1)).squeeze(-1)
-            del at_one
-        q = torch.exp(log_q, out=work)
-        log_q.clamp_(min=torch.finfo(log_q.dtype).min)  # q = 0 where log q = -inf: 0 * log 0 must be 0, not NaN
-        neg_entropy[rows] = q.mul_(log_q).sum(-1)
-    teacher = TeacherDistribution(
-        neg_entropy, logits=list(teacher_logits), log_normalizers=log_normalizers, temperature=temperature
-    )
-    return teacher, target_lprobs
+        return cls(probs, torch.where(probs > 0, probs * log_probs, 0.0).sum(-1), ids)
 
 
 def teacher_log_probs(teacher_logits: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -194,29 +127,64 @@ def _chunks(n: int, vocab: int):
     return [slice(start, start + step) for start in range(0, n, step)]
 
 
-def _scratch(count: int, n: int, vocab: int, dtype: torch.dtype, device: torch.device) -> list:
-    """``count`` scratch tensors of one chunk's shape, allocated once per pass and reused by every
-    chunk (the last, shorter chunk takes a view of the first rows). Fresh (N, V)-sized
-    allocations per chunk would be paid for in page faults on CPU at every step."""
-    return [torch.empty(min(n, _chunk_rows(vocab)), vocab, dtype=dtype, device=device) for _ in range(count)]
+class _Scratch:
+    """Scratch tensors of one chunk's shape, allocated once per pass over the chunks and reused by
+    every chunk (the last, shorter chunk takes a view of the first rows). Allocating (N, V)-sized
+    temporaries chunk after chunk is paid for in page faults on CPU at every step."""
+
+    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = (min(n, _chunk_rows(vocab)), vocab), dtype, device
+        self.buffers = {}
+        self.size = 0
+
+    def chunk(self, rows: slice, n: int) -> "_Scratch":
+        """Set the current chunk; :meth:`__getitem__` then gives views of its number of rows."""
+        self.size = len(range(n)[rows])
+        return self
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffers[name][: self.size]
 
 
-def _softened(z: torch.Tensor, temperature: float, out: torch.Tensor) -> torch.Tensor:
-    """``z / T`` in ``out``'s dtype: ``z`` itself when nothing changes, else written into ``out``."""
-    if z.dtype == out.dtype and temperature == 1.0:
+def _as_compute(z: torch.Tensor, dtype: torch.dtype, temperature: float, buf: _Scratch, name: str) -> torch.Tensor:
+    """``z / T`` as ``dtype``: ``z`` itself when nothing changes (not to be modified), else in ``buf[name]``."""
+    if z.dtype == dtype and temperature == 1.0:
         return z
-    if z.dtype == out.dtype:
-        return torch.div(z, temperature, out=out)
-    return out.copy_(z) if temperature == 1.0 else out.copy_(z).div_(temperature)
+    if z.dtype == dtype:
+        return torch.div(z, temperature, out=buf[name])
+    out = buf[name].copy_(z)
+    return out if temperature == 1.0 else out.div_(temperature)
+
+
+def _online_teacher_probs(logits, log_normalizers, rows, temperature, dtype, scratch) -> torch.Tensor:
+    """q_T at ``rows`` from the members' logits and log-normalisers (K, N), in ``scratch["q"]``."""
+    total = scratch["q"]
+    for member, (z, log_normalizer) in enumerate(zip(logits, log_normalizers)):
+        name = "q" if member == 0 else "member"
+        z = z[rows]
+        if z.dtype == dtype and temperature == 1.0:
+            q = torch.sub(z, log_normalizer[rows].unsqueeze(-1), out=scratch[name])
+        else:
+            q = _as_compute(z, dtype, temperature, scratch, name).sub_(log_normalizer[rows].unsqueeze(-1))
+        q.exp_()
+        if member > 0:
+            total.add_(q)
+    if len(logits) > 1:
+        total /= len(logits)
+    return total
 
 
 class _StudentLosses(torch.autograd.Function):
-    """Label-smoothed NLL, NLL and word-level KD of the student from its logits, in one pass over
-    the vocabulary per chunk of positions (see :func:`student_losses` for the formulas).
+    """Label-smoothed NLL, NLL and word-level KD of the student from its logits, and the teacher's
+    NLL, in one pass over the vocabulary per chunk of positions (formulas: :func:`student_losses`).
 
-    Only the logits and per-position log-normalisers are kept for the backward pass, which
-    recomputes the student's softmax chunk by chunk. With p = softmax(z), p_T = softmax(z / T),
-    e_y the one-hot gold token and eps_i = eps / (V - 1), the gradients at a kept position are::
+    For an online teacher the same chunk loop computes log q_T (one log-softmax per member), its
+    entropy and the teacher's target log-probability. Only the logits and per-position
+    log-normalisers are kept for the backward pass, which recomputes p and q_T chunk by chunk.
+    With p = softmax(z), p_T = softmax(z / T), e_y the one-hot gold token and eps_i = eps / (V - 1),
+    the gradients at a kept position are::
 
         d smoothed / dz = (1 - eps - eps_i) * (p - e_y) + eps_i * (V * p - 1)
         d nll / dz      = p - e_y
@@ -230,49 +198,64 @@ class _StudentLosses(torch.autograd.Function):
         n, vocab = logits.shape
         dtype = _compute_dtype(logits)
         eps_i = epsilon / (vocab - 1)
-        with_kd = teacher is not None
-        lse = logits.new_empty(n, dtype=dtype)
-        lse_t = logits.new_empty(n, dtype=dtype) if with_kd and temperature != 1.0 else lse
-        nll = logits.new_zeros(n, dtype=dtype)
-        smooth = logits.new_zeros(n, dtype=dtype)
-        cross = logits.new_zeros(n, dtype=dtype)
-        dense_kd = with_kd and teacher.ids is None
-        converted = logits.dtype != dtype
-        log_p_buffer, work_buffer, *convert_buffer = _scratch(2 + converted, n, vocab, dtype, logits.device)
+        with_kd, online = teacher is not None, teacher is not None and len(teacher.logits) > 0
+        rows_of = lambda: logits.new_zeros(n, dtype=dtype)  # noqa: E731
+        lse, nll, smooth, cross = rows_of(), rows_of(), rows_of(), rows_of()
+        lse_t = rows_of() if with_kd and temperature != 1.0 else lse
+        neg_entropy = rows_of() if online else (teacher.neg_entropy.to(dtype) if with_kd else None)
+        teacher_target = rows_of() if online else None
+        teacher_lse = logits.new_zeros(len(teacher.logits), n, dtype=dtype) if online else None
+        scratch = _Scratch(n, vocab, dtype, logits.device)
         for rows in _chunks(n, vocab):
-            size = len(range(n)[rows])
-            x = _softened(logits[rows], 1.0, convert_buffer[0][:size]) if converted else logits[rows]
+            buf = scratch.chunk(rows, n)
             gold = target[rows].unsqueeze(-1)
-            log_p = torch.log_softmax(x, dim=-1, out=log_p_buffer[:size])
+            x = _as_compute(logits[rows], dtype, 1.0, buf, "x")
+            log_p = torch.log_softmax(x, dim=-1, out=buf["log_p"])
             nll[rows] = -log_p.gather(-1, gold).squeeze(-1)
             # log sum_v exp(z_v) = z_y - log p(y), read off at the gold token, which is rarely far
-            # below the top logit (a small |log p| keeps this exact)
+            # below the top logit (a small |log p(y)| keeps this exact)
             lse[rows] = x.gather(-1, gold).squeeze(-1) + nll[rows]
             if epsilon > 0:
                 smooth[rows] = -log_p.sum(-1)
-            if with_kd:
-                if temperature != 1.0:
-                    x_t = torch.div(x, temperature, out=work_buffer[:size])
-                    torch.log_softmax(x_t, dim=-1, out=log_p)
-                    lse_t[rows] = (x_t.gather(-1, gold) - log_p.gather(-1, gold)).squeeze(-1)
-                if dense_kd:
-                    cross[rows] = teacher.chunk_probs(rows, dtype, out=work_buffer[:size]).mul_(log_p).sum(-1)
+            if not with_kd:
+                continue
+            if online:
+                q = _online_teacher_log_probs(teacher.logits, rows, gold, temperature, teacher_lse, buf)
+                if temperature == 1.0:
+                    teacher_target[rows] = q.gather(-1, gold).squeeze(-1)
                 else:
-                    cross[rows] = (teacher.chunk_probs(rows, dtype) * log_p.gather(-1, teacher.ids[rows])).sum(-1)
+                    teacher_target[rows] = teacher_log_probs([z[rows] for z in teacher.logits], 1.0).gather(-1, gold).squeeze(-1)
+                # q log q, with 0 log 0 = 0 (a -inf teacher logit gives 0 * -inf = NaN: nansum)
+                p_q = torch.exp(q, out=buf["q"])
+                neg_entropy[rows] = q.mul_(p_q).nansum(-1)
+                q = p_q
+            else:
+                q = teacher.probs[rows].to(dtype, copy=True)
+            if temperature != 1.0:
+                x_t = torch.div(x, temperature, out=buf["x_t"])
+                torch.log_softmax(x_t, dim=-1, out=log_p)
+                lse_t[rows] = (x_t.gather(-1, gold) - log_p.gather(-1, gold)).squeeze(-1)
+            if teacher.ids is None:
+                cross[rows] = q.mul_(log_p).sum(-1)
+            else:
+                cross[rows] = (q * log_p.gather(-1, teacher.ids[rows])).sum(-1)
         drop = ~keep
         nll_sum = nll.masked_fill_(drop, 0.0).sum()
         smoothed_sum = (1.0 - epsilon - eps_i) * nll_sum + eps_i * smooth.masked_fill_(drop, 0.0).sum()
-        kd_sum = logits.new_zeros((), dtype=dtype)
+        kd_sum = teacher_nll_sum = logits.new_zeros((), dtype=dtype)
         if with_kd:
-            kd_rows = -cross if kind == "ce" else teacher.neg_entropy.to(dtype) - cross
+            kd_rows = -cross if kind == "ce" else neg_entropy - cross
             kd_sum = kd_rows.masked_fill_(drop, 0.0).sum()
+        if online:
+            teacher_nll_sum = -teacher_target.masked_fill_(drop, 0.0).sum()
+        ctx.mark_non_differentiable(teacher_nll_sum)
         ctx.epsilon, ctx.temperature, ctx.teacher = epsilon, temperature, teacher
-        ctx.save_for_backward(logits, target, keep, lse, lse_t)
-        return smoothed_sum, nll_sum, kd_sum
+        ctx.save_for_backward(logits, target, keep, lse, lse_t, teacher_lse)
+        return smoothed_sum, nll_sum, kd_sum, teacher_nll_sum
 
     @staticmethod
-    def backward(ctx, grad_smoothed, grad_nll, grad_kd):
-        logits, target, keep, lse, lse_t = ctx.saved_tensors
+    def backward(ctx, grad_smoothed, grad_nll, grad_kd, _):
+        logits, target, keep, lse, lse_t, teacher_lse = ctx.saved_tensors
         epsilon, temperature, teacher = ctx.epsilon, ctx.temperature, ctx.teacher
         n, vocab = logits.shape
         dtype = _compute_dtype(logits)
@@ -287,27 +270,54 @@ class _StudentLosses(torch.autograd.Function):
             coef_p = coef_p + kd_scale
         grad = torch.empty_like(logits)
         converted = logits.dtype != dtype
-        work_buffer, *converted_buffers = _scratch(1 + 2 * converted, n, vocab, dtype, logits.device)
+        scratch = _Scratch(n, vocab, dtype, logits.device)
         for rows in _chunks(n, vocab):
-            size = len(range(n)[rows])
-            x = _softened(logits[rows], 1.0, converted_buffers[0][:size]) if converted else logits[rows]
-            g = converted_buffers[1][:size] if converted else grad[rows]
+            buf = scratch.chunk(rows, n)
+            x = _as_compute(logits[rows], dtype, 1.0, buf, "x")
+            g = buf["grad"] if converted else grad[rows]
             torch.sub(x, lse[rows].unsqueeze(-1), out=g).exp_().mul_(coef_p)
             if with_kd:
-                work = work_buffer[:size]
                 if temperature != 1.0:
-                    g.add_(torch.div(x, temperature, out=work).sub_(lse_t[rows].unsqueeze(-1)).exp_().mul_(kd_scale))
-                if teacher.ids is None:
-                    g.sub_(teacher.chunk_probs(rows, dtype, out=work).mul_(kd_scale))
+                    g.add_(torch.div(x, temperature, out=buf["x_t"]).sub_(lse_t[rows].unsqueeze(-1)).exp_().mul_(kd_scale))
+                if teacher.logits:
+                    q = _online_teacher_probs(teacher.logits, teacher_lse, rows, temperature, dtype, buf)
                 else:
-                    g.scatter_add_(-1, teacher.ids[rows], teacher.chunk_probs(rows, dtype).mul_(-kd_scale))
+                    q = teacher.probs[rows].to(dtype, copy=True)
+                if teacher.ids is None:
+                    g.sub_(q.mul_(kd_scale))
+                else:
+                    g.scatter_add_(-1, teacher.ids[rows], q.mul_(-kd_scale))
             if epsilon > 0:
                 g.sub_(coef_const)
-            g.scatter_add_(-1, target[rows].unsqueeze(-1), (-coef_gold).expand(size, 1).to(dtype))
+            g.scatter_add_(-1, target[rows].unsqueeze(-1), (-coef_gold).expand(buf.size, 1).to(dtype))
             g.index_fill_(0, torch.nonzero(~keep[rows]).squeeze(-1), 0.0)
             if converted:
                 grad[rows] = g
         return grad, None, None, None, None, None, None
+
+
+def _online_teacher_log_probs(logits, rows, gold, temperature, log_normalizers, buf) -> torch.Tensor:
+    """log q_T at ``rows`` of an online teacher, in ``buf["log_q"]``; each member's log-normaliser
+    ``log sum_v exp(z_v / T)`` goes into ``log_normalizers[member, rows]``."""
+    log_q = buf["log_q"]
+    for member, z in enumerate(logits):
+        x = _as_compute(z[rows], log_q.dtype, temperature, buf, "q")
+        log_p = torch.log_softmax(x, dim=-1, out=log_q if member == 0 else buf["member"])
+        log_normalizers[member, rows] = (x.gather(-1, gold) - log_p.gather(-1, gold)).squeeze(-1)
+        if member > 0:
+            torch.logaddexp(log_q, log_p, out=log_q)
+    if len(logits) > 1:
+        log_q -= math.log(len(logits))
+    return log_q
+
+
+class StudentLosses(NamedTuple):
+    """What :func:`student_losses` returns, each summed over the non-pad positions."""
+
+    smoothed: torch.Tensor
+    nll: torch.Tensor
+    kd: Optional[torch.Tensor]
+    teacher_nll: Optional[torch.Tensor]
 
 
 def student_losses(
@@ -318,7 +328,7 @@ def student_losses(
     teacher: Optional[TeacherDistribution] = None,
     temperature: float = 1.0,
     kind: str = "kl",
-) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> StudentLosses:
     """The student's label-smoothed NLL, NLL and word-level KD term, each summed over non-pad positions.
 
     For one position with gold token y over V classes, p = softmax(z) (Szegedy et al. 2016 for the
@@ -334,28 +344,30 @@ def student_losses(
         ce: H(q_T, p_T)    = -sum_v q_T(v) * log p_T(v)
 
     Both KD kinds have the same gradient in the student; KL is zero when the student matches the
-    teacher, CE adds the (constant) teacher entropy; tokens where q_T is zero add nothing. All of it
-    is computed in float32 (float64 stays float64) from one log-softmax of the logits per chunk of
-    positions, and the gradient from one softmax per chunk (:class:`_StudentLosses`): no (N, V)
-    log-probability tensor is kept for the backward pass.
+    teacher, CE adds the (constant) teacher entropy; tokens where q_T is zero add nothing. An online
+    teacher's own NLL of ``target`` at T = 1, ``-log q(y)``, comes with them (for logging). All of
+    it is computed in float32 (float64 stays float64) from one log-softmax of the student's logits
+    (and of each teacher member's) per chunk of positions, and the gradient from one softmax per
+    chunk (:class:`_StudentLosses`): no (N, V) log-probability tensor is kept for the backward pass.
 
     Args:
         logits: (N, V) raw student logits, any float dtype.
         target: (N,) gold token ids.
         pad_mask: (N,) bool, True at padding positions, which count nowhere.
         epsilon: label smoothing in [0, 1).
-        teacher: q_T at the same N positions (:func:`teacher_distribution`,
+        teacher: q_T at the same N positions (:meth:`TeacherDistribution.from_logits`,
             :func:`topk_teacher_distribution`), or None for no KD term.
-        temperature: T > 0, applied to the student logits in the KD term.
+        temperature: T > 0, applied to the student's and an online teacher's logits in the KD term.
         kind: ``"kl"`` or ``"ce"``.
 
     Returns:
-        (smoothed, nll, kd), kd None without a teacher.
+        :class:`StudentLosses`; kd is None without a teacher, teacher_nll None unless it is online.
     """
     if kind not in ("kl", "ce"):
         raise ValueError(f"unknown distillation loss kind {kind!r}; use 'kl' or 'ce'")
-    smoothed, nll, kd = _StudentLosses.apply(logits, target, ~pad_mask, epsilon, teacher, temperature, kind)
-    return smoothed, nll, (kd if teacher is not None else None)
+    smoothed, nll, kd, teacher_nll = _StudentLosses.apply(logits, target, ~pad_mask, epsilon, teacher, temperature, kind)
+    online = teacher is not None and len(teacher.logits) > 0
+    return StudentLosses(smoothed, nll, kd if teacher is not None else None, teacher_nll if online else None)
 
 
 def cosine_distance_loss(student_states: torch.Tensor, teacher_states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:

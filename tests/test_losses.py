@@ -84,16 +84,16 @@ def make_kd_inputs(n=7, vocab=9, seed=0, scale=3.0):
 
 def label_smoothed(logits, target, eps, pad_mask):
     """(smoothed, nll) of losses.student_losses without a teacher."""
-    smoothed, nll, kd = losses.student_losses(logits, target, pad_mask, eps)
-    assert kd is None
-    return smoothed, nll
+    terms = losses.student_losses(logits, target, pad_mask, eps)
+    assert terms.kd is None
+    return terms.smoothed, terms.nll
 
 
 def distillation_loss(student_logits, teacher_lprobs, temperature, pad_mask, kind="kl", teacher_ids=None):
     """The KD term alone of losses.student_losses, against a teacher given by its log-probabilities."""
     target = torch.zeros(pad_mask.shape, dtype=torch.long)
     teacher = losses.TeacherDistribution.from_log_probs(teacher_lprobs, teacher_ids)
-    return losses.student_losses(student_logits, target, pad_mask, 0.0, teacher, temperature, kind)[2]
+    return losses.student_losses(student_logits, target, pad_mask, 0.0, teacher, temperature, kind).kd
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,29 +50,31 @@ def reference(student, teacher_probs, target, pad_mask, eps, temperature, kind):
 @pytest.mark.parametrize("kind", ["kl", "ce"])
 def test_three_terms_match_reference(temperature, eps, kind):
     student, teacher, target, pad_mask = case(seed=1)
-    dist, _ = losses.teacher_distribution([teacher.float()], temperature)
+    dist = losses.TeacherDistribution.from_logits([teacher.float()])
     got = losses.student_losses(student, target, pad_mask, eps, dist, temperature, kind)
     want = reference(student, torch.softmax(teacher / temperature, -1), target, pad_mask, eps, temperature, kind)
-    for g, w in zip(got, want):
+    for g, w in zip(got[:3], want):
         assert g.dtype == torch.float32
         assert float(g) == pytest.approx(float(w), rel=2e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
-@pytest.mark.parametrize("sparse", [False, True])
-def test_gradcheck_weighted_sum_of_all_terms(temperature, eps, sparse):
+@pytest.mark.parametrize("teacher_form", ["online", "stored", "sparse"])
+def test_gradcheck_weighted_sum_of_all_terms(temperature, eps, teacher_form):
     """The backward combines the three outputs' incoming gradients: finite differences of
     0.7 * smoothed + 0.2 * nll + 1.3 * kd, in float64, with pad rows."""
     student, teacher, target, pad_mask = case(n=6, vocab=7, seed=2, dtype=torch.float64)
-    if sparse:
+    if teacher_form == "sparse":
         top = torch.log_softmax(teacher, -1).topk(3, dim=-1)
         dist = losses.topk_teacher_distribution(top.values, top.indices, temperature)
-    else:
+    elif teacher_form == "stored":
         dist = losses.TeacherDistribution.from_log_probs(torch.log_softmax(teacher / temperature, -1))
+    else:
+        dist = losses.TeacherDistribution.from_logits([teacher, teacher.flip(-1)])  # a two-member ensemble
 
     def fn(z):
-        smoothed, nll, kd = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "kl")
+        smoothed, nll, kd, _ = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "kl")
         return 0.7 * smoothed + 0.2 * nll + 1.3 * kd
 
     z = student.clone().requires_grad_(True)
@@ -88,7 +90,7 @@ def test_gradient_closed_form_with_all_terms():
     q = torch.softmax(teacher / temperature, -1)
     dist = losses.TeacherDistribution.from_log_probs(q.log().float())
     z = student.clone().requires_grad_(True)
-    smoothed, nll, kd = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "ce")
+    smoothed, nll, kd, _ = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "ce")
     (a * smoothed + b * nll + c * kd).backward()
     vocab = z.size(-1)
     for i in range(z.size(0)):
@@ -109,11 +111,11 @@ def test_many_chunks_same_losses_and_gradients(monkeypatch, temperature):
     student, teacher, target, pad_mask = case(n=11, vocab=13, seed=4)
 
     def run():
-        dist, target_lprobs = losses.teacher_distribution([teacher.float()], temperature, target)
+        dist = losses.TeacherDistribution.from_logits([teacher.float(), teacher.float() / 2])
         z = student.clone().requires_grad_(True)
-        smoothed, nll, kd = losses.student_losses(z, target, pad_mask, 0.1, dist, temperature, "kl")
-        (smoothed + nll + kd).backward()
-        return [smoothed, nll, kd, target_lprobs, dist.log_normalizers, dist.neg_entropy, z.grad]
+        terms = losses.student_losses(z, target, pad_mask, 0.1, dist, temperature, "kl")
+        (terms.smoothed + terms.nll + terms.kd).backward()
+        return [*terms, z.grad]
 
     whole = run()
     monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 13)  # 3 rows per chunk, the last chunk partial
@@ -125,52 +127,66 @@ def test_many_chunks_same_losses_and_gradients(monkeypatch, temperature):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_logits_fp32_math_and_gradient_dtype(dtype):
     student, teacher, target, pad_mask = case(seed=5, dtype=dtype)
-    dist, _ = losses.teacher_distribution([teacher.to(dtype)], 2.0)
+    dist = losses.TeacherDistribution.from_logits([teacher.to(dtype)])
     z = student.clone().requires_grad_(True)
     got = losses.student_losses(z, target, pad_mask, 0.1, dist, 2.0, "kl")
     want = reference(student, torch.softmax(teacher.to(dtype).double() / 2.0, -1), target, pad_mask, 0.1, 2.0, "kl")
-    for g, w in zip(got, want):
+    for g, w in zip(got[:3], want):
         assert g.dtype == torch.float32
         assert float(g) == pytest.approx(float(w), rel=1e-5)
-    sum(got).backward()
+    sum(got[:3]).backward()
     assert z.grad.dtype == dtype and torch.isfinite(z.grad.float()).all()
 
 
 def test_without_teacher_kd_is_none_and_unknown_kind_refused():
     student, _, target, pad_mask = case(seed=6)
-    assert losses.student_losses(student, target, pad_mask, 0.1)[2] is None
+    terms = losses.student_losses(student, target, pad_mask, 0.1)
+    assert terms.kd is None and terms.teacher_nll is None
     with pytest.raises(ValueError, match="unknown distillation loss kind 'mse'"):
         losses.student_losses(student, target, pad_mask, 0.1, kind="mse")
 
 
 # ---------------------------------------------------------------------------------------------
-# teacher_distribution (dense, online teacher)
+# the online teacher: ensembles, its target NLL, zero mass
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
-def test_teacher_distribution_single_and_ensemble(temperature):
-    g = torch.Generator().manual_seed(7)
-    z1, z2 = (torch.randn(5, 11, generator=g, dtype=torch.float64) * 4 for _ in range(2))
-    target = torch.tensor([3, 0, 10, 2, 7])
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_online_teacher_single_and_ensemble(temperature, kind):
+    """q_T is the average of the members' softmax(z_k / T) (not the softmax of averaged logits);
+    the teacher NLL is -log of the averaged T = 1 probability of the target, pad rows excluded."""
+    student, _, target, pad_mask = case(n=6, vocab=11, seed=7)
+    g = torch.Generator().manual_seed(8)
+    z1, z2 = (torch.randn(6, 11, generator=g, dtype=torch.float64) * 4 for _ in range(2))
+    keep = (~pad_mask).double()
     for logits in ([z1], [z1, z2]):
-        dist, target_lprobs = losses.teacher_distribution([z.float() for z in logits], temperature, target)
+        terms = losses.student_losses(
+            student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z.float() for z in logits]), temperature, kind
+        )
         q = sum(torch.softmax(z / temperature, -1) for z in logits) / len(logits)
         at_one = sum(torch.softmax(z, -1) for z in logits) / len(logits)
-        probs = dist.chunk_probs(slice(None), torch.float32)
-        assert dist.ids is None and dist.probs is None  # recomputed from the logits, not stored
-        torch.testing.assert_close(probs.double(), q, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(dist.neg_entropy.double(), (q * q.log()).sum(-1), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(target_lprobs.double(), at_one.gather(-1, target[:, None]).squeeze(-1).log(),
-                                   rtol=1e-5, atol=1e-6)
+        want_kd = reference(student, q, target, pad_mask, 0.0, temperature, kind)[2]
+        want_teacher_nll = -(at_one.gather(-1, target[:, None]).squeeze(-1).log() * keep).sum()
+        assert float(terms.kd) == pytest.approx(float(want_kd), rel=1e-5)
+        assert float(terms.teacher_nll) == pytest.approx(float(want_teacher_nll), rel=1e-5)
+    logit_average = [(z1 + z2) / 2]
+    averaged = losses.student_losses(
+        student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z.float() for z in logit_average]), temperature, kind
+    )
+    assert abs(float(averaged.kd) - float(terms.kd)) > 1e-2
 
 
-def test_teacher_distribution_zero_mass_and_underflow():
-    """A token with logit -inf has q = 0 and adds nothing to the entropy (no NaN); a target whose
-    probability underflows float32 still gets its exact log-probability."""
+def test_online_teacher_zero_mass_and_underflow():
+    """A token with teacher logit -inf has q = 0 and adds nothing (no NaN, in loss or gradient); a
+    target whose probability underflows float32 still gets its exact teacher NLL."""
     z1 = torch.tensor([[0.0, -1000.0, float("-inf")]])
     z2 = torch.tensor([[0.0, -2000.0, float("-inf")]])
-    dist, target_lprobs = losses.teacher_distribution([z1, z2], 1.0, torch.tensor([1]))
-    assert dist.chunk_probs(slice(None), torch.float32).tolist() == [[1.0, 0.0, 0.0]]
-    assert float(dist.neg_entropy[0]) == 0.0
-    assert float(target_lprobs[0]) == pytest.approx(-1000.0 - math.log(2.0), abs=1e-3)
+    student = torch.tensor([[0.5, -0.5, 1.0]], requires_grad=True)
+    target, pad_mask = torch.tensor([1]), torch.tensor([False])
+    terms = losses.student_losses(student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z1, z2]), 1.0, "kl")
+    log_p = torch.log_softmax(student.detach().double(), -1)
+    assert float(terms.kd) == pytest.approx(-float(log_p[0, 0]), rel=1e-6)  # q = (1, 0, 0): KL = -log p(0)
+    assert float(terms.teacher_nll) == pytest.approx(1000.0 + math.log(2.0), abs=1e-3)
+    terms.kd.backward()
+    torch.testing.assert_close(student.grad[0].double(), log_p[0].exp() - torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))

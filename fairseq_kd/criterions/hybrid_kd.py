@@ -89,16 +89,14 @@ class HybridKDCriterion(KDCriterionBase):
             net_output = model(**net_input)
             with_kd = self.word_kd_weight > 0 and prefix in self.word_kd_prefixes
             cache = cached_topk(sample) if prefix == "gold" else None
-            smoothed, nll, kd, teacher_nll, pad_mask = self.student_terms(
-                model, net_output, net_input, target, with_kd, cache
-            )
-            loss = loss + nll_weight * smoothed
-            log[nll_key] = nll.data
+            terms, pad_mask = self.student_terms(model, net_output, net_input, target, with_kd, cache)
+            loss = loss + nll_weight * terms.smoothed
+            log[nll_key] = terms.nll.data
             if with_kd:
-                kd_total = kd_total + kd
+                kd_total = kd_total + terms.kd
                 kd_positions += int((~pad_mask).sum())
-                if teacher_nll is not None and prefix == "gold":
-                    log["teacher_nll_loss"] = teacher_nll.data
+                if terms.teacher_nll is not None and prefix == "gold":
+                    log["teacher_nll_loss"] = terms.teacher_nll.data
         if kd_positions:
             loss = loss + self.word_kd_weight * self.temperature**2 * kd_total
             log["kd_loss"] = kd_total.data

@@ -59,8 +59,8 @@ class KDCriterionBase(FairseqCriterion):
     def student_terms(self, model, net_output, net_input, target, with_kd=False, cached=None, teacher_outputs=None):
         """The student's losses on ``target``, each summed over its non-pad positions.
 
-        Returns ``(smoothed NLL, NLL, KD, teacher NLL, pad mask)``. Without ``with_kd``, KD and
-        teacher NLL are None. The KD term's teacher is the offline top-k cache when ``cached`` =
+        Returns ``(losses.StudentLosses, pad mask)``. Without ``with_kd``, its KD and teacher NLL
+        are None. The KD term's teacher is the offline top-k cache when ``cached`` =
         (ids, log-probs), each B x T x k and aligned with ``target`` (see
         :func:`losses.topk_teacher_distribution` for the renormalisation; a cache has no teacher
         NLL, as it does not hold every target token's probability); otherwise the task's online
@@ -71,10 +71,8 @@ class KDCriterionBase(FairseqCriterion):
         """
         logits = net_output[0]
         vocab = logits.size(-1)
-        flat_target = target.reshape(-1)
         pad_mask = target.eq(self.padding_idx)
-        flat_pad = pad_mask.view(-1)
-        teacher, teacher_nll = None, None
+        teacher = None
         if with_kd and cached is not None:
             ids, topk_lprobs = cached
             k = ids.size(-1)
@@ -82,15 +80,11 @@ class KDCriterionBase(FairseqCriterion):
         elif with_kd:
             if teacher_outputs is None:
                 teacher_outputs = self.teacher_outputs(net_input, logits.device)
-            teacher, target_lprobs = losses.teacher_distribution(
-                [z.view(-1, vocab) for z, _ in teacher_outputs], self.temperature, flat_target
-            )
-            teacher_nll = -target_lprobs.masked_fill_(flat_pad, 0.0).sum()
-        del teacher_outputs  # the teacher's logits are not needed past its distribution
-        smoothed, nll, kd = losses.student_losses(
-            logits.view(-1, vocab), flat_target, flat_pad, self.eps, teacher, self.temperature, self.kd_loss
+            teacher = losses.TeacherDistribution.from_logits([z.reshape(-1, vocab) for z, _ in teacher_outputs])
+        terms = losses.student_losses(
+            logits.reshape(-1, vocab), target.reshape(-1), pad_mask.view(-1), self.eps, teacher, self.temperature, self.kd_loss
         )
-        return smoothed, nll, kd, teacher_nll, pad_mask
+        return terms, pad_mask
 
     def teacher_outputs(self, net_input, device):
         """The online teacher's ``(logits, extra)`` per ensemble member for ``net_input``."""

@@ -89,12 +89,10 @@ class TripleLossCriterion(KDCriterionBase):
         if self.cos_weight > 0 and len(teacher_outputs) > 1:
             raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
         teacher_extra = teacher_outputs[0][1]
-        gold_loss, nll_loss, kd_loss, teacher_nll, pad_mask = self.student_terms(
-            model, net_output, net_input, target, with_kd=True, teacher_outputs=teacher_outputs
-        )
+        terms, pad_mask = self.student_terms(model, net_output, net_input, target, with_kd=True, teacher_outputs=teacher_outputs)
         del teacher_outputs  # frees the teacher's logits; its hidden states stay in teacher_extra
-        loss = self.kd_weight * self.temperature**2 * kd_loss + self.nll_weight * gold_loss
-        log = {"nll_loss": nll_loss.data, "kd_loss": kd_loss.data, "teacher_nll_loss": teacher_nll.data,
+        loss = self.kd_weight * self.temperature**2 * terms.kd + self.nll_weight * terms.smoothed
+        log = {"nll_loss": terms.nll.data, "kd_loss": terms.kd.data, "teacher_nll_loss": terms.teacher_nll.data,
                "kd_positions": sample["ntokens"]}
 
         if self.cos_weight > 0:

@@ -55,21 +55,19 @@ class WordKDCriterion(KDCriterionBase):
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
-        gold_loss, nll_loss, kd_loss, teacher_nll, _ = self.student_terms(
-            model, net_output, sample["net_input"], target, with_kd=True, cached=cached_topk(sample)
-        )
-        loss = (1.0 - self.alpha) * gold_loss + self.alpha * self.temperature**2 * kd_loss
+        terms, _ = self.student_terms(model, net_output, sample["net_input"], target, with_kd=True, cached=cached_topk(sample))
+        loss = (1.0 - self.alpha) * terms.smoothed + self.alpha * self.temperature**2 * terms.kd
 
         sample_size = self.sample_size(sample)
         logging_output = {
             "loss": loss.data,
-            "nll_loss": nll_loss.data,
-            "kd_loss": kd_loss.data,
+            "nll_loss": terms.nll.data,
+            "kd_loss": terms.kd.data,
             "ntokens": sample["ntokens"],
             "kd_positions": sample["ntokens"],
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
         }
-        if teacher_nll is not None:
-            logging_output["teacher_nll_loss"] = teacher_nll.data
+        if terms.teacher_nll is not None:
+            logging_output["teacher_nll_loss"] = terms.teacher_nll.data
         return loss, sample_size, logging_output

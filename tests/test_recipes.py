@@ -19,6 +19,8 @@ TESTS = ["test_2016_flickr", "test_2017_flickr"]
 
 # one recipe runs two seeds per student, to check their mean and spread
 SEEDS = {"paracrawl-en-fr": "1 2"}
+# one recipe runs two steps at a time, to check run_plan.py's scheduling on a real plan
+JOBS = {"ted-de-en": "2"}
 
 # recipe -> (target language, its student methods in order); the longest first, for the two workers
 RECIPES = {
@@ -38,7 +40,8 @@ def run_recipe(name, work):
     start = time.time()
     proc = subprocess.run(
         ["bash", str(REPO / "examples" / name / "recipe.sh")],
-        env=dict(os.environ, SCALE="tiny", WORK=str(work), SEEDS=SEEDS.get(name, "1"), PYTHON=sys.executable,
+        env=dict(os.environ, SCALE="tiny", WORK=str(work), SEEDS=SEEDS.get(name, "1"), JOBS=JOBS.get(name, "1"),
+                 PYTHON=sys.executable,
                  PYTHONWARNINGS="ignore"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
     )

@@ -14,9 +14,11 @@
 #   SCALE      tiny (default): a slice of Multi30k and tiny models, a few minutes in all, to check
 #              the commands; full: the benchmark (hours to days, see docs/recipes.md)
 #   WORK       work directory (default work/recipes/NAME-SCALE)
-#   THREADS    CPU threads for torch (default: 1 at tiny scale, where tiny models gain nothing from
-#              more, else all cores; on a machine shared with other jobs use fewer: OpenMP threads
-#              that wait for a busy core slow training down many times over)
+#   THREADS    CPU threads for torch per step (default: 1 at tiny scale, where tiny models gain
+#              nothing from more, else all cores / JOBS; on a machine shared with other jobs use
+#              fewer: OpenMP threads that wait for a busy core slow training down many times over)
+#   JOBS       steps run at once (default 1): independent steps (the students, their translations)
+#              side by side, each with THREADS threads; e.g. JOBS=2 THREADS=1 on 2 cores
 #   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
 #   RESULTS    directory of the results table and plot (default: docs/results at full scale,
 #              WORK at tiny scale)
@@ -41,6 +43,8 @@ recipe_begin() {
     [[ $SCALE == tiny || $SCALE == full ]] || die "SCALE must be tiny or full, not '$SCALE'"
     WORK=${WORK:-$REPO/work/recipes/$RECIPE-$SCALE}
     SEEDS=${SEEDS:-1}
+    JOBS=${JOBS:-1}
+    [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive number of steps, not '$JOBS'"
     PYTHON=${PYTHON:-python}
     if [[ $SCALE == tiny ]]; then
         # A slice of the data, models of a few thousand parameters, tens of updates: checks that
@@ -55,7 +59,7 @@ recipe_begin() {
         BEAM=${BEAM:-2} LARGE_BATCH=${LARGE_BATCH:-64}
         GEN_LIMITS=(--max-len-a 0 --max-len-b 20)
     else
-        RESULTS=${RESULTS:-$REPO/docs/results} THREADS=${THREADS:-$(nproc)}
+        RESULTS=${RESULTS:-$REPO/docs/results} THREADS=${THREADS:-$(($(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1))}
         TRAIN_LINES=${TRAIN_LINES:-} EVAL_LINES=${EVAL_LINES:-} SPEED_LINES=${SPEED_LINES:-500}
         VOCAB=${VOCAB:-8000} SPM_SENTENCES=${SPM_SENTENCES:-5000000}
         MAX_TOKENS=${MAX_TOKENS:-4096} LR=${LR:-1e-3} WARMUP=${WARMUP:-600} LOG_INTERVAL=${LOG_INTERVAL:-100}
@@ -96,14 +100,18 @@ transformer_arch() {
         --encoder-attention-heads "$5" --decoder-attention-heads "$5" "${@:6}")
 }
 
-# step NAME OUTPUT COMMAND...: add a step whose COMMAND writes OUTPUT.partial.
+# step NAME OUTPUT COMMAND...: add a step whose COMMAND writes OUTPUT.partial. It runs after the
+# earlier steps whose outputs COMMAND names (with JOBS > 1, independent steps run side by side).
 # step_stdout NAME OUTPUT COMMAND...: the same, COMMAND's standard output being OUTPUT.partial.
-step() { _add_step 0 "$@"; }
-step_stdout() { _add_step 1 "$@"; }
+# step_after_all NAME OUTPUT COMMAND...: a step that runs after every earlier step (it reads their
+# outputs through a file, e.g. the model list).
+step() { _add_step 0 auto "$@"; }
+step_stdout() { _add_step 1 auto "$@"; }
+step_after_all() { _add_step 0 all "$@"; }
 _add_step() {
-    local stdout=$1 name=$2 output=$3
-    shift 3
-    printf '%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$(printf '%q ' "$@")" >>"$PLAN"
+    local stdout=$1 after=$2 name=$3 output=$4
+    shift 4
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$after" "$(printf '%q ' "$@")" >>"$PLAN"
 }
 
 # prepare_data TRAIN_PREFIX VALID_PREFIX NAME=TEST_PREFIX...: the corpus (at tiny scale its first
@@ -250,14 +258,14 @@ _students() {
 # RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
 run_recipe() {
     local title=$1
-    step speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
+    step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
         --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$LARGE_BATCH" "${GEN_LIMITS[@]}" \
         --out "$WORK/speed.json.partial"
-    step report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
+    step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
         --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json"
     echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
     local dry_run=()
     [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)
-    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" "${dry_run[@]}"
+    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" "${dry_run[@]}"
 }

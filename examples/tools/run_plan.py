@@ -1,10 +1,16 @@
-"""Run a recipe's plan: its steps in order, each skipped when its output exists.
+"""Run a recipe's plan: its steps, each skipped when its output exists.
 
-    python run_plan.py WORK/plan.tsv [--dry-run]
+    python run_plan.py WORK/plan.tsv [--jobs N] [--dry-run]
 
 recipe_lib.sh writes the plan, one step per line, tab-separated:
 
-    NAME  OUTPUT  STDOUT  COMMAND (shell-quoted words)
+    NAME  OUTPUT  STDOUT  AFTER  COMMAND (shell-quoted words)
+
+AFTER says which earlier steps must be done first: "auto", those whose OUTPUT the command names
+(as a whole path or a path prefix, e.g. DIR for DIR/checkpoint_best.pt), or "all", every earlier
+step. With --jobs 1 the steps simply run in plan order; with --jobs N up to N steps whose earlier
+steps are done run at once, in plan order as they become ready. When a step fails, no new step
+starts, the running ones finish, and the run stops with the failure.
 
 A step runs COMMAND unless OUTPUT exists. COMMAND writes OUTPUT.partial (a file or a directory),
 which is renamed to OUTPUT once the command succeeds, so an interrupted step leaves no OUTPUT and
@@ -24,6 +30,7 @@ checkpoint_utils.save_checkpoint, metrics) never leaks from one step into the ne
 
 import argparse
 import os
+import re
 import runpy
 import shlex
 import signal
@@ -32,7 +39,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import List, Optional
+from typing import Dict, List, Optional, Set
 
 # Imported here, before any fork, so that every child starts with them loaded. Importing
 # fairseq_cli.train also sends fairseq's log lines to standard output, for every step alike.
@@ -49,7 +56,11 @@ class Step:
     name: str
     output: str  # "-": no output, run every time
     stdout_is_output: bool
+    after: str  # "auto" or "all"
     argv: List[str]
+
+    def done(self) -> bool:
+        return self.output != "-" and os.path.exists(self.output)
 
 
 def read_plan(path: str) -> List[Step]:
@@ -57,15 +68,31 @@ def read_plan(path: str) -> List[Step]:
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
-            if len(fields) != 4:
-                sys.exit(f"{path}:{number}: expected 4 tab-separated fields, got {len(fields)}")
-            name, output, stdout, command = fields
-            steps.append(Step(name, output, stdout == "1", shlex.split(command)))
+            if len(fields) != 5 or fields[3] not in ("auto", "all"):
+                sys.exit(f"{path}:{number}: expected 5 tab-separated fields, AFTER auto or all: {line!r}")
+            name, output, stdout, after, command = fields
+            steps.append(Step(name, output, stdout == "1", after, shlex.split(command)))
     names = [s.name for s in steps]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         sys.exit(f"{path}: step names used twice: {', '.join(duplicates)}")
     return steps
+
+
+def dependencies(steps: List[Step]) -> Dict[str, Set[str]]:
+    """For each step, the names of the earlier steps it must wait for (see AFTER above)."""
+    needs = {}
+    for i, step in enumerate(steps):
+        earlier = steps[:i]
+        if step.after == "all":
+            needs[step.name] = {s.name for s in earlier}
+            continue
+        command = "\n".join(step.argv)
+        needs[step.name] = {
+            s.name for s in earlier
+            if s.output != "-" and re.search(rf"(^|[\s=,:]){re.escape(s.output)}($|[\s/,:])", command, flags=re.M)
+        }
+    return needs
 
 
 def console_script(name: str):
@@ -91,9 +118,9 @@ def _child(argv: List[str], log_path: str, stdout_path: Optional[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-def run_cli(argv: List[str], log_path: str, stdout_path: Optional[str] = None) -> int:
+def start_cli(argv: List[str], log_path: str, stdout_path: Optional[str] = None) -> int:
     """Run ``argv`` in a forked child, standard error appended to ``log_path``, standard output to
-    ``stdout_path`` (truncated) or else to the log; return its exit status."""
+    ``stdout_path`` (truncated) or else to the log; return the child's pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -111,65 +138,119 @@ def run_cli(argv: List[str], log_path: str, stdout_path: Optional[str] = None) -
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(status)
-    try:
-        _, wait_status = os.waitpid(pid, 0)
-    except KeyboardInterrupt:  # stop the child too (a terminal's Ctrl-C has signalled it already)
-        os.kill(pid, signal.SIGINT)
-        os.waitpid(pid, 0)
-        raise
-    return os.waitstatus_to_exitcode(wait_status)
+    return pid
 
 
-def run_step(step: Step, work: str) -> None:
-    log = os.path.join(work, "logs", f"{step.name}.log")
-    partial = f"{step.output}.partial"
-    with open(log, "a", encoding="utf-8") as f:
-        f.write(f"$ {shlex.join(step.argv)}\n")
-    print(f"[{step.name}] running (log: {log})", flush=True)
-    start = time.time()
+class Runner:
+    """Starts steps in forked children, at most ``jobs`` at once, and finishes them."""
+
+    def __init__(self, work: str, jobs: int):
+        self.work, self.jobs = work, jobs
+        self.running: Dict[int, tuple] = {}  # pid -> (step, start time)
+        self.failure: Optional[str] = None
+
+    def start(self, step: Step) -> None:
+        log = os.path.join(self.work, "logs", f"{step.name}.log")
+        partial = f"{step.output}.partial"
+        if os.path.isfile(partial):
+            os.remove(partial)  # a half-written file; directories are resumed
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"$ {shlex.join(step.argv)}\n")
+        print(f"[{step.name}] running (log: {log})", flush=True)
+        pid = start_cli(step.argv, log, partial if step.stdout_is_output else None)
+        self.running[pid] = (step, time.time())
+
+    def wait_one(self) -> Step:
+        """Wait for a running step to end; record its result (or the first failure)."""
+        pid, wait_status = os.wait()
+        step, start = self.running.pop(pid)
+        seconds = time.time() - start
+        status = os.waitstatus_to_exitcode(wait_status)
+        log = os.path.join(self.work, "logs", f"{step.name}.log")
+        partial = f"{step.output}.partial"
+        if status != 0:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                tail = f.readlines()[-25:]
+            self.failure = self.failure or f"[{step.name}] FAILED (exit status {status}); last lines of {log}:\n{''.join(tail)}"
+            return step
+        if step.output != "-":
+            if not os.path.exists(partial):
+                self.failure = self.failure or f"[{step.name}] succeeded but wrote no {partial}"
+                return step
+            os.replace(partial, step.output)
+        with open(os.path.join(self.work, "timings.tsv"), "a", encoding="utf-8") as f:
+            f.write(f"{step.name}\t{seconds:.1f}\n")
+        print(f"[{step.name}] done in {seconds:.1f} s", flush=True)
+        return step
+
+    def stop_all(self) -> None:
+        """Interrupt the running steps (a terminal's Ctrl-C has signalled them already) and reap them."""
+        for pid in self.running:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for pid in list(self.running):
+            os.waitpid(pid, 0)
+        self.running.clear()
+
+
+def run(steps: List[Step], work: str, jobs: int) -> None:
+    """Run every step that is not done, each once the steps it needs are done, ``jobs`` at a time."""
+    needs = dependencies(steps)
+    finished = set()
+    pending = []
+    for step in steps:
+        if step.done():
+            print(f"[{step.name}] skipped: {step.output} exists", flush=True)
+            finished.add(step.name)
+        else:
+            pending.append(step)
+    runner = Runner(work, jobs)
     try:
-        status = run_cli(step.argv, log, partial if step.stdout_is_output else None)
+        while pending or runner.running:
+            ready = [s for s in pending if needs[s.name] <= finished] if runner.failure is None else []
+            for step in ready[: jobs - len(runner.running)]:
+                pending.remove(step)
+                runner.start(step)
+            if not runner.running:
+                break  # nothing can start: a failure, or steps waiting on one that failed
+            step = runner.wait_one()
+            if runner.failure is None:
+                finished.add(step.name)
     except KeyboardInterrupt:
-        sys.exit(f"[{step.name}] interrupted; run the recipe again to resume")
-    seconds = time.time() - start
-    if status != 0:
-        with open(log, encoding="utf-8", errors="replace") as f:
-            tail = f.readlines()[-25:]
-        sys.exit(f"[{step.name}] FAILED (exit status {status}); last lines of {log}:\n{''.join(tail)}")
-    if step.output != "-":
-        if not os.path.exists(partial):
-            sys.exit(f"[{step.name}] succeeded but wrote no {partial}")
-        os.replace(partial, step.output)
-    with open(os.path.join(work, "timings.tsv"), "a", encoding="utf-8") as f:
-        f.write(f"{step.name}\t{seconds:.1f}\n")
-    print(f"[{step.name}] done in {seconds:.1f} s", flush=True)
+        runner.stop_all()
+        sys.exit("interrupted; run the recipe again to resume")
+    if runner.failure:
+        sys.exit(runner.failure)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", help="plan.tsv written by recipe_lib.sh")
+    parser.add_argument("--jobs", type=int, default=1, help="steps run at once (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     steps = read_plan(args.plan)
     work = os.path.dirname(os.path.abspath(args.plan))
     if args.dry_run:
+        needs = dependencies(steps)
         for step in steps:
-            state = "done" if step.output != "-" and os.path.exists(step.output) else "to run"
+            state = "done" if step.done() else "to run"
             redirect = f" > {step.output}.partial" if step.stdout_is_output else ""
             python = "python " if step.argv[0].endswith(".py") else ""
-            print(f"# {step.name} ({state})\n{python}{shlex.join(step.argv)}{redirect}")
+            after = "every earlier step" if step.after == "all" else (
+                ", ".join(s.name for s in steps if s.name in needs[step.name]) or "nothing"
+            )
+            print(f"# {step.name} ({state}; after {after})\n{python}{shlex.join(step.argv)}{redirect}")
         return
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     for module in PRELOAD:
         __import__(module)
-    for step in steps:
-        if step.output != "-" and os.path.exists(step.output):
-            print(f"[{step.name}] skipped: {step.output} exists", flush=True)
-            continue
-        if os.path.isfile(f"{step.output}.partial"):
-            os.remove(f"{step.output}.partial")  # a half-written file; directories are resumed
-        run_step(step, work)
+    run(steps, work, args.jobs)
     print(f"all {len(steps)} steps done; timings in {os.path.join(work, 'timings.tsv')}")
 
 

@@ -1,0 +1,134 @@
+"""examples/tools/run_plan.py: which steps wait for which, and running them one or several at a
+time, with resumption and failures, on plans of small Python scripts."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_PLAN = REPO / "examples" / "tools" / "run_plan.py"
+sys.path.insert(0, str(RUN_PLAN.parent))
+import run_plan  # noqa: E402
+
+# STEP.py OUT [INPUT...] [--sleep S] [--fail]: checks that every INPUT exists, logs start and end
+# times to order.log, writes OUT.partial.
+SCRIPT = """
+import os, sys, time
+args = sys.argv[1:]
+fail = "--fail" in args
+sleep = float(args[args.index("--sleep") + 1]) if "--sleep" in args else 0.0
+paths = [a for a in args if not a.startswith("--") and not a.replace(".", "").isdigit()]
+out, inputs = paths[0], paths[1:]
+for path in inputs:
+    assert os.path.exists(path), f"input {path} missing"
+log = os.path.join(os.path.dirname(out), "order.log")
+with open(log, "a") as f:
+    f.write(f"start {os.path.basename(out)} {time.time()}\\n")
+time.sleep(sleep)
+if fail:
+    sys.exit(3)
+with open(out + ".partial", "w") as f:
+    f.write("done")
+with open(log, "a") as f:
+    f.write(f"end {os.path.basename(out)} {time.time()}\\n")
+"""
+
+
+def write_plan(work, steps):
+    """steps: (name, after, args) with args relative to work; the output is work/name."""
+    script = work / "step.py"
+    script.write_text(SCRIPT)
+    lines = []
+    for name, after, args in steps:
+        argv = [str(script), str(work / name)] + [a if a.startswith("--") or a[0].isdigit() else str(work / a) for a in args]
+        lines.append("\t".join([name, str(work / name), "0", after, shlex.join(argv)]))
+    (work / "plan.tsv").write_text("\n".join(lines) + "\n")
+
+
+def run(work, jobs=1):
+    return subprocess.run([sys.executable, str(RUN_PLAN), str(work / "plan.tsv"), "--jobs", str(jobs)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+
+
+def events(work):
+    rows = [line.split() for line in (work / "order.log").read_text().splitlines()]
+    return [(kind, name, float(t)) for kind, name, t in rows]
+
+
+def test_dependencies_from_named_outputs(tmp_path):
+    write_plan(tmp_path, [
+        ("data", "auto", []),
+        ("data2", "auto", []),
+        ("model", "auto", ["data/file"]),          # a path under an earlier output
+        ("model_b", "auto", ["data2"]),            # "data" is a prefix of "data2", not its directory
+        ("eval", "auto", ["model", "data2"]),
+        ("report", "all", []),
+    ])
+    needs = run_plan.dependencies(run_plan.read_plan(tmp_path / "plan.tsv"))
+    assert needs == {
+        "data": set(), "data2": set(), "model": {"data"}, "model_b": {"data2"},
+        "eval": {"model", "data2"}, "report": {"data", "data2", "model", "model_b", "eval"},
+    }
+
+
+def test_two_jobs_overlap_independent_steps_and_respect_order(tmp_path):
+    write_plan(tmp_path, [
+        ("a", "auto", ["--sleep", "1"]),
+        ("b", "auto", ["--sleep", "1"]),
+        ("c", "auto", ["a", "b"]),
+        ("report", "all", []),
+    ])
+    proc = run(tmp_path, jobs=2)
+    assert proc.returncode == 0, proc.stdout
+    log = events(tmp_path)
+    when = {(kind, name): t for kind, name, t in log}
+    assert when[("start", "b")] < when[("end", "a")]  # a and b ran side by side
+    assert when[("start", "c")] >= max(when[("end", "a")], when[("end", "b")])
+    assert when[("start", "report")] >= when[("end", "c")]
+    assert all((tmp_path / name).exists() for name in "abc")
+
+
+def test_one_job_runs_in_plan_order(tmp_path):
+    write_plan(tmp_path, [("a", "auto", []), ("b", "auto", []), ("c", "auto", ["a"])])
+    assert run(tmp_path).returncode == 0
+    assert [name for kind, name, _ in events(tmp_path) if kind == "start"] == ["a", "b", "c"]
+
+
+def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_path):
+    write_plan(tmp_path, [
+        ("slow", "auto", ["--sleep", "1.5"]),
+        ("bad", "auto", ["--fail"]),
+        ("after_bad", "auto", ["bad"]),
+        ("later", "auto", []),
+    ])
+    proc = run(tmp_path, jobs=2)
+    assert proc.returncode != 0
+    assert "[bad] FAILED (exit status 3)" in proc.stdout
+    names_started = [name for kind, name, _ in events(tmp_path) if kind == "start"]
+    assert "after_bad" not in names_started and "later" not in names_started
+    assert (tmp_path / "slow").exists()  # the running step was allowed to finish
+
+    # fix the failing step and rerun: only what is missing runs
+    write_plan(tmp_path, [
+        ("slow", "auto", ["--sleep", "1.5"]),
+        ("bad", "auto", []),
+        ("after_bad", "auto", ["bad"]),
+        ("later", "auto", []),
+    ])
+    (tmp_path / "order.log").unlink()
+    proc = run(tmp_path, jobs=2)
+    assert proc.returncode == 0, proc.stdout
+    assert "[slow] skipped" in proc.stdout
+    assert sorted(name for kind, name, _ in events(tmp_path) if kind == "start") == ["after_bad", "bad", "later"]
+
+
+def test_bad_plan_and_jobs_refused(tmp_path):
+    (tmp_path / "plan.tsv").write_text("a\tout\t0\tsometimes\techo\n")
+    proc = run(tmp_path)
+    assert proc.returncode != 0 and "AFTER auto or all" in proc.stdout
+    write_plan(tmp_path, [("a", "auto", [])])
+    proc = run(tmp_path, jobs=0)
+    assert proc.returncode != 0 and "--jobs must be at least 1" in proc.stdout

@@ -3,6 +3,7 @@ top-k, builds resume shard by shard, and the dataset wrapper lines the cache up 
 
 import os
 import pickle
+import shutil
 import subprocess
 
 import numpy as np
@@ -124,6 +125,13 @@ def test_interrupted_build_resumes_to_identical_arrays(tiny_data, tiny_teacher, 
 def test_resuming_with_other_settings_is_refused(tiny_data, tiny_teacher, valid_cache, tmp_path):
     out = tmp_path / "cache"
     build(tiny_data, tiny_teacher, out, "--stop-after-shards", "1")
+    # the teacher is known by its contents: a new modification time (a copy) is the same teacher
+    teacher = tmp_path / "teacher.pt"
+    shutil.copyfile(tiny_teacher, teacher)
+    out_copy = tmp_path / "cache_copy"
+    build(tiny_data, teacher, out_copy, "--stop-after-shards", "1")
+    os.utime(teacher, (1e9, 1e9))
+    assert build(tiny_data, teacher, out_copy)["computed_shards"]  # resumed, not refused
     with pytest.raises(ValueError, match=r"other settings:\n  k: 8 in the existing build, 4 now"):
         build(tiny_data, tiny_teacher, out, k=4)
     # the console script reports it as an error, also for a complete cache

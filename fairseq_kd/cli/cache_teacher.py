@@ -12,11 +12,12 @@ interruption and only the missing shards are computed.
 """
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -120,12 +121,15 @@ def check_lengths(dataset, teacher: Teacher) -> None:
 
 
 def teacher_files(teacher_path: str):
-    """Each teacher checkpoint's absolute path, size and modification time (resume check)."""
+    """Each teacher checkpoint's absolute path, size and SHA-256 (resume check: a copied checkpoint
+    is the same teacher, a retrained one is not, whatever the files' times)."""
     files = []
     for path in split_teacher_paths(teacher_path):
-        stat = os.stat(path)
-        modified = datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat()
-        files.append({"path": os.path.abspath(path), "bytes": stat.st_size, "modified": modified})
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        files.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()})
     return files
 
 

@@ -58,6 +58,18 @@ def synthetic_pairs(n: int, seed: int):
     return pairs
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors and models, where a second intra-op thread only
+    adds synchronisation cost (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """Binarized synthetic src->tgt data with one joined dictionary: train 2000, valid/test 100."""

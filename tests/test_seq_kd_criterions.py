@@ -14,7 +14,9 @@ from fairseq.data import LanguagePairDataset
 
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.teacher import Teacher
-from test_word_kd import data_dir, one_thread, parse, softmax64  # noqa: F401  (fixtures)
+from test_word_kd import data_dir, parse, softmax64  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 0.1
 

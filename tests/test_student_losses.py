@@ -11,12 +11,7 @@ from fairseq_kd import losses
 PAD = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def case(n=9, vocab=13, seed=0, dtype=torch.float32):

@@ -6,7 +6,9 @@ import torch
 
 from fairseq_kd import losses, teacher as teacher_module
 from fairseq_kd.teacher import Teacher, resolve_precision
-from test_word_kd import data_dir, make_sample, one_thread, parse  # noqa: F401  (fixtures)
+from test_word_kd import data_dir, make_sample, parse  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_auto_resolution(monkeypatch):

@@ -8,7 +8,9 @@ from fairseq import tasks
 
 from fairseq_kd.criterions.triple_loss import TripleLossCriterion
 from fairseq_kd.teacher import Teacher
-from test_word_kd import data_dir, make_sample, one_thread, parse, softmax64  # noqa: F401  (fixtures)
+from test_word_kd import data_dir, make_sample, parse, softmax64  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS, T = 0.1, 2.0
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from fairseq import options, tasks
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
-from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss as fairseq_label_smoothed_nll_loss
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss as fairseq_ls_nll_loss
 from fairseq.data import Dictionary, LanguagePairDataset
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import metrics
@@ -33,13 +33,7 @@ ARCH = [
 N_WORDS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds synchronisation cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +220,7 @@ def test_alpha_zero_equals_fairseq_label_smoothed_cross_entropy(setup, eps):
 
     student.zero_grad()
     lprobs = torch.log_softmax(student(**sample["net_input"])[0], dim=-1)
-    loss_fs, nll_fs = fairseq_label_smoothed_nll_loss(
+    loss_fs, nll_fs = fairseq_ls_nll_loss(
         lprobs.view(-1, lprobs.size(-1)), sample["target"].view(-1), eps, ignore_index=task.target_dictionary.pad()
     )
     loss_fs.backward()

@@ -2,8 +2,10 @@
 time, with resumption and failures, on plans of small Python scripts."""
 
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,25 @@ def test_bad_plan_and_jobs_refused(tmp_path):
     write_plan(tmp_path, [("a", "auto", [])])
     proc = run(tmp_path, jobs=0)
     assert proc.returncode != 0 and "--jobs must be at least 1" in proc.stdout
+
+
+def test_sigterm_to_the_runner_stops_its_steps(tmp_path):
+    """A job scheduler's time limit signals the runner alone: its running steps must stop with it
+    (and a step started in the background, where SIGINT is ignored, too)."""
+    write_plan(tmp_path, [("a", "auto", ["--sleep", "60"]), ("b", "auto", ["--sleep", "60"])])
+    proc = subprocess.Popen([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = tmp_path / "order.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) == 2):
+        time.sleep(0.2)
+    assert len(log.read_text().splitlines()) == 2  # both steps started
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], stdout=subprocess.PIPE, text=True).stdout.split()
+    assert len(children) == 2
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "interrupted; run the recipe again to resume" in out
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -184,15 +184,20 @@ class Runner:
         return step
 
     def stop_all(self) -> None:
-        """Interrupt the running steps (a terminal's Ctrl-C has signalled them already) and reap them."""
+        """Terminate the running steps and reap them. SIGTERM, not SIGINT: a recipe started in the
+        background by a non-interactive shell ignores SIGINT, and so do the steps it forks."""
         for pid in self.running:
             try:
-                os.kill(pid, signal.SIGINT)
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
         for pid in list(self.running):
             os.waitpid(pid, 0)
         self.running.clear()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run(steps: List[Step], work: str, jobs: int) -> None:
@@ -207,6 +212,7 @@ def run(steps: List[Step], work: str, jobs: int) -> None:
         else:
             pending.append(step)
     runner = Runner(work, jobs)
+    signal.signal(signal.SIGTERM, _interrupt)  # a job scheduler's time limit: stop the steps too
     try:
         while pending or runner.running:
             ready = [s for s in pending if needs[s.name] <= finished] if runner.failure is None else []

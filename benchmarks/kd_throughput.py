@@ -161,10 +161,14 @@ def run_config(args):
             times.append(elapsed)
             tokens += batch["ntokens"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = teacher or getattr(task, "_teacher", None)
     print(json.dumps({
         "config": config, "step_s": sum(times) / len(times), "tokens_per_s": tokens / sum(times),
         "peak_rss_mb": peak / 1024, "rss_before_steps_mb": base_rss / 1024,
-        "precision": getattr(teacher or getattr(task, "_teacher", None), "resolved_precision", None),
+        "precision": getattr(loaded, "resolved_precision", None),
+        "teacher_weights_mb": sum(p.numel() * p.element_size() for m in loaded.models for p in m.parameters()) / 2**20
+        if loaded is not None else None,
+        "teacher_distribution_mb": max(b["target"].numel() for b in batches) * len(task.target_dictionary) * 4 / 2**20,
         "batches": len(times),
     }))
 
@@ -193,15 +197,28 @@ def main():
         "online_auto / S": results["online_auto"]["step_s"] / s,
         "cached / S": results["cached"]["step_s"] / s,
     }
+    # online peak memory target: the student-only peak + the teacher's weights + one batch of the
+    # teacher's distribution (float32, the largest batch)
+    memory = {
+        config: {
+            "peak_rss_mb": results[config]["peak_rss_mb"],
+            "budget_mb": results["S"]["peak_rss_mb"] + results[config]["teacher_weights_mb"]
+            + results[config]["teacher_distribution_mb"],
+        }
+        for config in ("online_fp32", "online_auto")
+    }
     summary = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "torch": torch.__version__, "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k not in ("config", "workdir")},
-        "results": results, "ratios": ratios,
+        "results": results, "ratios": ratios, "online_memory": memory,
     }
-    print("\nratios:")
+    print("\nratios (targets: cached / S <= 1.10, online / (S + F) <= 1.10):")
     for name, value in ratios.items():
         print(f"  {name:28s} {value:.3f}")
+    print("online peak memory (target: <= S peak + teacher weights + one batch of teacher distribution):")
+    for config, m in memory.items():
+        print(f"  {config:12s} {m['peak_rss_mb']:.0f} MB, budget {m['budget_mb']:.0f} MB")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

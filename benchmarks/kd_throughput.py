@@ -2,7 +2,9 @@
 
 One run, the same data, student and batches for every configuration:
 
-  S        student-only step (label_smoothed_cross_entropy)
+  S        student-only step (fairseq's label_smoothed_cross_entropy)
+  S_fused  the same loss through the plugin's fused student loss (seq_kd_interp with alpha 0), to
+           separate the KD term's own cost from the plugin's cheaper handling of the NLL
   F        teacher forward alone (fp32 and the --teacher-precision auto choice)
   online   word_kd step with the teacher in fp32, and in auto precision
   cached   word_kd step from top-k teacher log-probs (k=8), no teacher in memory
@@ -29,7 +31,7 @@ import time
 
 import torch
 
-CONFIGS = ["S", "F_fp32", "F_auto", "online_fp32", "online_auto", "cached"]
+CONFIGS = ["S", "S_fused", "F_fp32", "F_auto", "online_fp32", "online_auto", "cached"]
 STUDENT_ARCH = [
     "--arch", "transformer", "--share-all-embeddings", "--encoder-layers", "2", "--decoder-layers", "2",
     "--encoder-embed-dim", "128", "--decoder-embed-dim", "128", "--encoder-ffn-embed-dim", "512",
@@ -83,6 +85,8 @@ def build(args, workdir, config):
 
     if config == "S" or config.startswith("F"):
         criterion = ["--criterion", "label_smoothed_cross_entropy"]
+    elif config == "S_fused":
+        criterion = ["--criterion", "seq_kd_interp", "--alpha", "0"]
     else:
         criterion = ["--criterion", "word_kd", "--alpha", "0.5", "--temperature", "1"]
     precision = "fp32" if config.endswith("fp32") else "auto"
@@ -90,7 +94,7 @@ def build(args, workdir, config):
             "--label-smoothing", "0.1", "--cpu", "--optimizer", "adam", "--lr", "5e-4"]
     if config == "cached":
         argv += ["--teacher-cache", workdir]  # the batches carry the cached top-k, see save_topk
-    elif config != "S":
+    elif not config.startswith("S"):
         argv += ["--teacher-path", args.teacher, "--teacher-dict-dir", workdir, "--teacher-precision", precision]
     cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
     task = tasks.setup_task(cfg.task)
@@ -196,6 +200,10 @@ def main():
         "online_auto / (S + F_auto)": results["online_auto"]["step_s"] / (s + f_auto),
         "online_auto / S": results["online_auto"]["step_s"] / s,
         "cached / S": results["cached"]["step_s"] / s,
+        "S_fused / S": results["S_fused"]["step_s"] / s,
+        "cached / S_fused": results["cached"]["step_s"] / results["S_fused"]["step_s"],
+        "online_fp32 / (S_fused + F_fp32)": results["online_fp32"]["step_s"] / (results["S_fused"]["step_s"] + f_fp32),
+        "online_auto / (S_fused + F_auto)": results["online_auto"]["step_s"] / (results["S_fused"]["step_s"] + f_auto),
     }
     # online peak memory target: the student-only peak + the teacher's weights + one batch of the
     # teacher's distribution (float32, the largest batch)

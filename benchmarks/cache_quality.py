@@ -22,7 +22,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -83,14 +82,22 @@ def encode(args, bin_dir, log):
          "--srcdict", d, "--tgtdict", d, "--workers", "2"], log)
 
 
+def training_seconds(checkpoint):
+    """fairseq's own count of the training time behind ``checkpoint``, over all runs that resumed it."""
+    from fairseq import checkpoint_utils
+
+    import fairseq_kd  # noqa: F401  (safe loading of fairseq checkpoints)
+
+    return checkpoint_utils.load_checkpoint_to_cpu(checkpoint)["extra_state"]["previous_training_time"]
+
+
 def train(args, bin_dir, save_dir, teacher_flags, log):
     cmd = [f"{BIN}/fairseq-train", bin_dir, "--user-dir", os.path.join(REPO, "fairseq_kd"),
            "--task", "translation_distill", "--criterion", "word_kd", "--alpha", "0.5", "--temperature", "1",
            *teacher_flags, *STUDENT, "--seed", str(args.seed), "--max-update", str(args.updates),
            "--save-dir", save_dir]
-    start = time.time()
-    run(cmd, log)  # resumes from save_dir/checkpoint_last.pt when interrupted
-    return time.time() - start
+    run(cmd, log)  # resumes from save_dir/checkpoint_last.pt when interrupted, does nothing when done
+    return training_seconds(os.path.join(save_dir, "checkpoint_last.pt"))
 
 
 def bleu(args, bin_dir, checkpoint, log):
@@ -110,7 +117,7 @@ def bleu(args, bin_dir, checkpoint, log):
     sp = spm.SentencePieceProcessor(model_file=os.path.join(args.teacher_dir, "spm8k.model"))
     detok = [sp.decode(hyps[i].split()) for i in range(len(refs))]
     metric = sacrebleu.metrics.BLEU()
-    return metric.corpus_score(detok, [refs]).score, str(metric.get_signature())
+    return metric.corpus_score(detok, [refs]).score, str(metric.get_signature()), detok
 
 
 def main():
@@ -126,23 +133,25 @@ def main():
         run([f"{BIN}/fairseq-kd-cache-teacher", "--teacher-path", teacher, "--teacher-dict-dir", args.teacher_dir,
              bin_dir, "--split", split, "--k", str(args.k), "--destdir", os.path.join(cache, split), "--cpu",
              "--teacher-precision", "fp32"], log)
-    results = {}
+    results, translations = {}, {}
     for name, flags in (
         ("online", ["--teacher-path", teacher, "--teacher-dict-dir", args.teacher_dir, "--teacher-precision", "fp32"]),
         (f"cached_top{args.k}", ["--teacher-cache", cache]),
     ):
         save_dir = os.path.join(args.work, name)
         seconds = train(args, bin_dir, save_dir, flags, log)
-        score, signature = bleu(args, bin_dir, os.path.join(save_dir, "checkpoint_last.pt"), log)
-        results[name] = {"bleu": round(score, 2), "train_seconds_this_run": round(seconds), "signature": signature}
-        print(f"{name:14s} BLEU {score:.2f}", flush=True)
+        score, signature, translations[name] = bleu(args, bin_dir, os.path.join(save_dir, "checkpoint_last.pt"), log)
+        results[name] = {"bleu": round(score, 3), "train_seconds": round(seconds), "signature": signature}
+        print(f"{name:14s} BLEU {score:.3f}", flush=True)
     summary = {
         "what": "word_kd student (2+2 layers, d=128) from the online teacher vs from its top-k cache; "
                 "test_2016_flickr, beam 5, last checkpoint",
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                     "threads": args.threads, "python": platform.python_version()},
         "settings": vars(args), "results": results,
-        "bleu_difference_cached_minus_online": round(results[f"cached_top{args.k}"]["bleu"] - results["online"]["bleu"], 2),
+        "bleu_difference_cached_minus_online": round(results[f"cached_top{args.k}"]["bleu"] - results["online"]["bleu"], 3),
+        "translations_that_differ": sum(a != b for a, b in zip(translations["online"], translations[f"cached_top{args.k}"])),
+        "sentences": len(translations["online"]),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -10,6 +10,7 @@ Notation: ``z`` are logits over a vocabulary of size V, ``T`` is the distillatio
 """
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -127,14 +128,20 @@ def _chunks(n: int, vocab: int):
     return [slice(start, start + step) for start in range(0, n, step)]
 
 
+_SCRATCH = threading.local()  # per thread: (device, dtype, name) -> a chunk-sized tensor
+
+
 class _Scratch:
-    """Scratch tensors of one chunk's shape, allocated once per pass over the chunks and reused by
-    every chunk (the last, shorter chunk takes a view of the first rows). Allocating (N, V)-sized
-    temporaries chunk after chunk is paid for in page faults on CPU at every step."""
+    """Scratch tensors of one chunk's shape, reused by every chunk (the last, shorter chunk takes a
+    view of the first rows) and kept from step to step, per thread, device and dtype, as long as the
+    chunk shape stays (a few chunk-sized tensors, about 16 MiB each in float32). Allocating
+    (N, V)-sized temporaries chunk after chunk, step after step, is paid for in page faults and in
+    a fragmented heap on CPU."""
 
     def __init__(self, n: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.shape, self.dtype, self.device = (min(n, _chunk_rows(vocab)), vocab), dtype, device
-        self.buffers = {}
+        self.shape, self.dtype, self.device = (_chunk_rows(vocab), vocab), dtype, device
+        if not hasattr(_SCRATCH, "buffers"):
+            _SCRATCH.buffers = {}
         self.size = 0
 
     def chunk(self, rows: slice, n: int) -> "_Scratch":
@@ -143,9 +150,11 @@ class _Scratch:
         return self
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.buffers:
-            self.buffers[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        return self.buffers[name][: self.size]
+        key = (self.device, self.dtype, name)
+        buffer = _SCRATCH.buffers.get(key)
+        if buffer is None or buffer.shape != self.shape:
+            buffer = _SCRATCH.buffers[key] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return buffer[: self.size]
 
 
 def _as_compute(z: torch.Tensor, dtype: torch.dtype, temperature: float, buf: _Scratch, name: str) -> torch.Tensor:
@@ -249,14 +258,24 @@ class _StudentLosses(torch.autograd.Function):
         if online:
             teacher_nll_sum = -teacher_target.masked_fill_(drop, 0.0).sum()
         ctx.mark_non_differentiable(teacher_nll_sum)
-        ctx.epsilon, ctx.temperature, ctx.teacher = epsilon, temperature, teacher
-        ctx.save_for_backward(logits, target, keep, lse, lse_t, teacher_lse)
+        ctx.epsilon, ctx.temperature, ctx.with_kd = epsilon, temperature, with_kd
+        # saved through autograd, so that the teacher's tensors are freed as soon as the backward
+        # pass is done, even while the caller still holds the loss
+        teacher_tensors = () if not with_kd else (
+            tuple(teacher.logits) if online else (teacher.probs, teacher.ids)
+        )
+        ctx.save_for_backward(logits, target, keep, lse, lse_t, teacher_lse, *teacher_tensors)
         return smoothed_sum, nll_sum, kd_sum, teacher_nll_sum
 
     @staticmethod
     def backward(ctx, grad_smoothed, grad_nll, grad_kd, _):
-        logits, target, keep, lse, lse_t, teacher_lse = ctx.saved_tensors
-        epsilon, temperature, teacher = ctx.epsilon, ctx.temperature, ctx.teacher
+        logits, target, keep, lse, lse_t, teacher_lse, *teacher_tensors = ctx.saved_tensors
+        epsilon, temperature, with_kd = ctx.epsilon, ctx.temperature, ctx.with_kd
+        teacher = None
+        if with_kd and teacher_lse is not None:
+            teacher = TeacherDistribution(logits=teacher_tensors)
+        elif with_kd:
+            teacher = TeacherDistribution(probs=teacher_tensors[0], ids=teacher_tensors[1])
         n, vocab = logits.shape
         dtype = _compute_dtype(logits)
         eps_i = epsilon / (vocab - 1)
@@ -264,7 +283,6 @@ class _StudentLosses(torch.autograd.Function):
         coef_gold = (1.0 - epsilon - eps_i) * grad_smoothed + grad_nll
         coef_p = coef_gold + eps_i * vocab * grad_smoothed
         coef_const = eps_i * grad_smoothed
-        with_kd = teacher is not None
         kd_scale = grad_kd / temperature
         if with_kd and temperature == 1.0:
             coef_p = coef_p + kd_scale

@@ -18,15 +18,21 @@ def cache_dir(tiny_data, tiny_teacher, tmp_path_factory):
     return root
 
 
-def cached_cmd(data_bin, cache, save_dir, extra=()):
+WORD_KD = ("--criterion", "word_kd", "--alpha", "0.5", "--temperature", "2")
+TRIPLE_KD_NLL = ("--criterion", "triple_loss", "--kd-weight", "0.5", "--nll-weight", "0.5", "--cos-weight", "0",
+                 "--temperature", "2")
+
+
+def cached_cmd(data_bin, cache, save_dir, extra=(), criterion=WORD_KD):
     return [cli("fairseq-train"), data_bin, "--user-dir", USER_DIR, "--task", "translation_distill",
-            "--teacher-cache", cache, "--criterion", "word_kd", "--alpha", "0.5", "--temperature", "2",
+            "--teacher-cache", cache, *criterion,
             *STUDENT_ARCH, *COMMON_TRAIN, "--max-update", "120", "--save-dir", save_dir, "--no-epoch-checkpoints",
             *extra]
 
 
-def test_word_kd_from_the_cache_trains_without_a_teacher(tiny_data, cache_dir, tmp_path):
-    output = run(cached_cmd(tiny_data / "bin", cache_dir, tmp_path / "student"))
+@pytest.mark.parametrize("criterion", [WORD_KD, TRIPLE_KD_NLL], ids=["word_kd", "triple_loss"])
+def test_distilling_from_the_cache_trains_without_a_teacher(tiny_data, cache_dir, tmp_path, criterion):
+    output = run(cached_cmd(tiny_data / "bin", cache_dir, tmp_path / "student", criterion=criterion))
     losses, kd = logged(output, "loss"), logged(output, "kd_loss")
     assert len(losses) >= 10
     assert losses[-1] < 0.6 * losses[0] and kd[-1] < 0.6 * kd[0], (losses, kd)

@@ -135,3 +135,52 @@ def test_is_registered():
     from fairseq.criterions import CRITERION_REGISTRY
 
     assert CRITERION_REGISTRY["triple_loss"] is TripleLossCriterion
+
+
+def with_topk_cache(task, teacher, sample, k=3):
+    """``sample`` with the fields a --teacher-cache batch carries: ``teacher``'s top-k at T = 1."""
+    with torch.no_grad():
+        top = torch.log_softmax(teacher(**sample["net_input"])[0].float(), -1).topk(k, dim=-1)
+    return dict(sample, teacher_topk_ids=top.indices, teacher_topk_lprobs=top.values)
+
+
+def test_kd_term_from_a_cache_without_any_teacher(data_dir):  # noqa: F811
+    """--cos-weight 0 with --teacher-cache: the KD term comes from the cached top-k, no teacher is
+    loaded, and the loss equals word_kd's on the same batch (kd weight = alpha, NLL weight = 1 - alpha)."""
+    task, student, teacher, sample, _ = build(data_dir, 16)
+    sample = with_topk_cache(task, teacher, sample)
+    task._teacher = None  # no online teacher: only the (named) cache
+    task.cfg.teacher_cache = "cache-dir"
+    triple = TripleLossCriterion(task, kd_weight=0.3, nll_weight=0.7, cos_weight=0.0, cos_states="decoder",
+                                 width_mismatch="error", temperature=T, kd_loss="kl", label_smoothing=EPS,
+                                 sentence_avg=False)
+    loss, _, log = triple(student, sample)
+    assert task._teacher is None and "teacher_nll_loss" not in log
+    ids, lprobs = sample["teacher_topk_ids"], sample["teacher_topk_lprobs"]
+    with torch.no_grad():
+        zs = student(**sample["net_input"])[0].double()
+    expected_kd = expected_ls = 0.0
+    target = sample["target"]
+    for b in range(target.size(0)):
+        for t in range(target.size(1)):
+            y = int(target[b, t])
+            if y == task.target_dictionary.pad():
+                continue
+            p_t = softmax64(zs[b, t], T)
+            q = softmax64(lprobs[b, t].double(), T)  # the top-k renormalised at T
+            expected_kd += float((q * (q.log() - p_t[ids[b, t]].log())).sum())
+            vocab = zs.size(-1)
+            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
+            smooth[y] = 1 - EPS
+            expected_ls += float(-(smooth * torch.log(softmax64(zs[b, t]))).sum())
+    assert float(log["kd_loss"]) == pytest.approx(expected_kd, rel=1e-5)
+    assert float(loss) == pytest.approx(0.3 * T**2 * expected_kd + 0.7 * expected_ls, rel=1e-5)
+
+
+def test_cosine_term_with_a_cache_is_refused(data_dir):  # noqa: F811
+    cfg = parse(data_dir, "--teacher-cache", "cache-dir", criterion="triple_loss")
+    task = tasks.setup_task(cfg.task)
+    with pytest.raises(ValueError, match=r"hidden states, which a --teacher-cache does not hold.*--cos-weight 0"):
+        TripleLossCriterion(task, kd_weight=1.0, nll_weight=1.0, cos_weight=1.0, cos_states="decoder",
+                            width_mismatch="error", temperature=1.0, kd_loss="kl", label_smoothing=0.0,
+                            sentence_avg=False)

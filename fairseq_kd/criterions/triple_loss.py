@@ -7,7 +7,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.kd_base import KDCriterionBase
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
 from fairseq_kd.hidden_states import decoder_final_states, state_widths
 from fairseq_kd.registry import register_criterion_once
 
@@ -46,7 +46,9 @@ class TripleLossCriterion(KDCriterionBase):
     the encoder's final states are aligned too, over non-pad source positions. Pairs naturally
     with a student initialised from the teacher's layers (``fairseq-kd-init-student``), whose
     states start aligned. NVIDIA's NMT study found the cosine term did not help NMT in their
-    setting; it is here to compare. Needs one online teacher (not an ensemble, not a cache).
+    setting; it is here to compare. The cosine term needs one online teacher (not an ensemble, not
+    a cache); with ``--cos-weight 0`` the KD term may come from a ``--teacher-cache`` (top-k, see
+    :func:`fairseq_kd.losses.topk_teacher_distribution`), with no teacher in memory.
     """
 
     def __init__(self, task, kd_weight, nll_weight, cos_weight, cos_states, width_mismatch, temperature, kd_loss,
@@ -56,6 +58,12 @@ class TripleLossCriterion(KDCriterionBase):
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"triple_loss weights must be >= 0 and not all 0, got {weights}")
         self.require_teacher()
+        if cos_weight > 0 and getattr(task.cfg, "teacher_cache", None):
+            raise ValueError(
+                "triple_loss's cosine term compares the teacher's hidden states, which a --teacher-cache "
+                "does not hold: distil from the cache with --cos-weight 0 (KD + NLL), or drop --teacher-cache "
+                "and pass --teacher-path"
+            )
         self.kd_weight, self.nll_weight, self.cos_weight = kd_weight, nll_weight, cos_weight
         self.sides = ("decoder", "encoder") if cos_states == "decoder+encoder" else ("decoder",)
         self.projections = torch.nn.ModuleDict(self._projections(str(width_mismatch)) if cos_weight > 0 else {})
@@ -85,15 +93,22 @@ class TripleLossCriterion(KDCriterionBase):
         net_input = sample["net_input"]
         net_output = model(**net_input)
         target = model.get_targets(sample, net_output)
-        teacher_outputs = self.teacher_outputs(net_input, target.device)
-        if self.cos_weight > 0 and len(teacher_outputs) > 1:
-            raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
-        teacher_extra = teacher_outputs[0][1]
-        terms, pad_mask = self.student_terms(model, net_output, net_input, target, with_kd=True, teacher_outputs=teacher_outputs)
-        del teacher_outputs  # frees the teacher's logits; its hidden states stay in teacher_extra
+        cached = cached_topk(sample)
+        if cached is not None:  # --cos-weight 0 (checked at start-up): the KD term from the cache alone
+            terms, pad_mask = self.student_terms(model, net_output, net_input, target, with_kd=True, cached=cached)
+        else:
+            teacher_outputs = self.teacher_outputs(net_input, target.device)
+            if self.cos_weight > 0 and len(teacher_outputs) > 1:
+                raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
+            teacher_extra = teacher_outputs[0][1]
+            terms, pad_mask = self.student_terms(
+                model, net_output, net_input, target, with_kd=True, teacher_outputs=teacher_outputs
+            )
+            del teacher_outputs  # frees the teacher's logits; its hidden states stay in teacher_extra
         loss = self.kd_weight * self.temperature**2 * terms.kd + self.nll_weight * terms.smoothed
-        log = {"nll_loss": terms.nll.data, "kd_loss": terms.kd.data, "teacher_nll_loss": terms.teacher_nll.data,
-               "kd_positions": sample["ntokens"]}
+        log = {"nll_loss": terms.nll.data, "kd_loss": terms.kd.data, "kd_positions": sample["ntokens"]}
+        if terms.teacher_nll is not None:
+            log["teacher_nll_loss"] = terms.teacher_nll.data
 
         if self.cos_weight > 0:
             student_states = self._project("decoder", decoder_final_states(model, net_output[1]))

@@ -82,22 +82,28 @@ def encode(args, bin_dir, log):
          "--srcdict", d, "--tgtdict", d, "--workers", "2"], log)
 
 
-def training_seconds(checkpoint):
-    """fairseq's own count of the training time behind ``checkpoint``, over all runs that resumed it."""
+def training_state(checkpoint):
+    """(updates done, fairseq's own count of the training seconds over every run that resumed it)."""
     from fairseq import checkpoint_utils
 
     import fairseq_kd  # noqa: F401  (safe loading of fairseq checkpoints)
 
-    return checkpoint_utils.load_checkpoint_to_cpu(checkpoint)["extra_state"]["previous_training_time"]
+    state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
+    return state["optimizer_history"][-1]["num_updates"], state["extra_state"]["previous_training_time"]
 
 
 def train(args, bin_dir, save_dir, teacher_flags, log):
+    """Train (or finish training) one student; its training seconds. A finished student is not
+    handed to fairseq-train again, which would take one more update before it stops."""
+    last = os.path.join(save_dir, "checkpoint_last.pt")
+    if os.path.exists(last) and training_state(last)[0] >= args.updates:
+        return training_state(last)[1]
     cmd = [f"{BIN}/fairseq-train", bin_dir, "--user-dir", os.path.join(REPO, "fairseq_kd"),
            "--task", "translation_distill", "--criterion", "word_kd", "--alpha", "0.5", "--temperature", "1",
            *teacher_flags, *STUDENT, "--seed", str(args.seed), "--max-update", str(args.updates),
            "--save-dir", save_dir]
-    run(cmd, log)  # resumes from save_dir/checkpoint_last.pt when interrupted, does nothing when done
-    return training_seconds(os.path.join(save_dir, "checkpoint_last.pt"))
+    run(cmd, log)  # resumes from save_dir/checkpoint_last.pt when interrupted
+    return training_state(last)[1]
 
 
 def bleu(args, bin_dir, checkpoint, log):

@@ -96,8 +96,10 @@ def train(args, bin_dir, save_dir, teacher_flags, log):
     """Train (or finish training) one student; its training seconds. A finished student is not
     handed to fairseq-train again, which would take one more update before it stops."""
     last = os.path.join(save_dir, "checkpoint_last.pt")
-    if os.path.exists(last) and training_state(last)[0] >= args.updates:
-        return training_state(last)[1]
+    if os.path.exists(last):
+        updates, seconds = training_state(last)
+        if updates >= args.updates:
+            return seconds
     cmd = [f"{BIN}/fairseq-train", bin_dir, "--user-dir", os.path.join(REPO, "fairseq_kd"),
            "--task", "translation_distill", "--criterion", "word_kd", "--alpha", "0.5", "--temperature", "1",
            *teacher_flags, *STUDENT, "--seed", str(args.seed), "--max-update", str(args.updates),

@@ -208,7 +208,9 @@ class _StudentLosses(torch.autograd.Function):
         dtype = _compute_dtype(logits)
         eps_i = epsilon / (vocab - 1)
         with_kd, online = teacher is not None, teacher is not None and len(teacher.logits) > 0
-        rows_of = lambda: logits.new_zeros(n, dtype=dtype)  # noqa: E731
+        def rows_of():
+            return logits.new_zeros(n, dtype=dtype)
+
         lse, nll, smooth, cross = rows_of(), rows_of(), rows_of(), rows_of()
         lse_t = rows_of() if with_kd and temperature != 1.0 else lse
         neg_entropy = rows_of() if online else (teacher.neg_entropy.to(dtype) if with_kd else None)

@@ -93,18 +93,13 @@ class TripleLossCriterion(KDCriterionBase):
         net_input = sample["net_input"]
         net_output = model(**net_input)
         target = model.get_targets(sample, net_output)
-        cached = cached_topk(sample)
-        if cached is not None:  # --cos-weight 0 (checked at start-up): the KD term from the cache alone
-            terms, pad_mask = self.student_terms(model, net_output, net_input, target, with_kd=True, cached=cached)
-        else:
-            teacher_outputs = self.teacher_outputs(net_input, target.device)
-            if self.cos_weight > 0 and len(teacher_outputs) > 1:
-                raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
-            teacher_extra = teacher_outputs[0][1]
-            terms, pad_mask = self.student_terms(
-                model, net_output, net_input, target, with_kd=True, teacher_outputs=teacher_outputs
-            )
-            del teacher_outputs  # frees the teacher's logits; its hidden states stay in teacher_extra
+        cached = cached_topk(sample)  # only with --cos-weight 0 (checked at start-up): then no teacher runs
+        teacher_outputs = None if cached is not None else self.teacher_outputs(net_input, target.device)
+        if self.cos_weight > 0 and len(teacher_outputs) > 1:
+            raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
+        terms, pad_mask = self.student_terms(
+            model, net_output, net_input, target, with_kd=True, cached=cached, teacher_outputs=teacher_outputs
+        )
         loss = self.kd_weight * self.temperature**2 * terms.kd + self.nll_weight * terms.smoothed
         log = {"nll_loss": terms.nll.data, "kd_loss": terms.kd.data, "kd_positions": sample["ntokens"]}
         if terms.teacher_nll is not None:
@@ -112,7 +107,7 @@ class TripleLossCriterion(KDCriterionBase):
 
         if self.cos_weight > 0:
             student_states = self._project("decoder", decoder_final_states(model, net_output[1]))
-            teacher_states = decoder_final_states(self.task.loaded_teacher().models[0], teacher_extra)
+            teacher_states = decoder_final_states(self.task.loaded_teacher().models[0], teacher_outputs[0][1])
             width = teacher_states.size(-1)
             cos_loss = losses.cosine_distance_loss(
                 student_states.reshape(-1, width), teacher_states.reshape(-1, width), pad_mask.view(-1)

@@ -40,20 +40,26 @@ STUDENT_ARCH = [
 ]
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_arguments(parser, sentences: int) -> None:
+    """The teacher, its vocabulary, the training pairs to batch and the threads (shared with
+    teacher_memory.py)."""
     parser.add_argument("--teacher", required=True, help="teacher checkpoint")
     parser.add_argument("--spm", required=True, help="the teacher's sentencepiece model")
     parser.add_argument("--dict", required=True, help="the teacher's joined fairseq dictionary (dict.txt)")
     parser.add_argument("--data", default="data/multi30k", help="directory with train.en / train.de")
     parser.add_argument("--src", default="en")
     parser.add_argument("--tgt", default="de")
-    parser.add_argument("--sentences", type=int, default=2000, help="training sentences to batch")
+    parser.add_argument("--sentences", type=int, default=sentences, help="training sentences to batch")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_arguments(parser, sentences=2000)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--topk", type=int, default=8, help="k of the cached configuration")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--out", default="benchmarks/results/kd_throughput.json", help="JSON result file")
     parser.add_argument("--config", choices=CONFIGS + ["save_topk"], help=argparse.SUPPRESS)  # one configuration (subprocess)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -215,18 +221,23 @@ def main():
         }
         for config in ("online_fp32", "online_auto")
     }
-    summary = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("config", "workdir")},
-        "results": results, "ratios": ratios, "online_memory": memory,
-    }
     print("\nratios (targets: cached / S <= 1.10, online / (S + F) <= 1.10):")
     for name, value in ratios.items():
         print(f"  {name:28s} {value:.3f}")
     print("online peak memory (target: <= S peak + teacher weights + one batch of teacher distribution):")
     for config, m in memory.items():
         print(f"  {config:12s} {m['peak_rss_mb']:.0f} MB, budget {m['budget_mb']:.0f} MB")
+    write_summary(args, ("config", "workdir"), results=results, ratios=ratios, online_memory=memory)
+
+
+def write_summary(args, internal_arguments, **parts) -> None:
+    """Write args.out: the machine, the settings (all arguments but ``internal_arguments``), ``parts``."""
+    summary = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "settings": {k: v for k, v in vars(args).items() if k not in internal_arguments},
+        **parts,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(summary, f, indent=2)

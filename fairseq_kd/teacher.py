@@ -43,6 +43,28 @@ def cpu_supports_bf16() -> bool:
     return bool(is_supported and is_supported())
 
 
+# oneDNN (which runs bf16 matrix products on CPU) keeps every primitive it builds, with its
+# scratch memory, in a cache of 1024 entries by default. A primitive is built per operand shape, so a
+# bf16 teacher fed batches of ever new shapes grows by several MB per batch shape until the cache is
+# full. benchmarks/teacher_memory.py, Multi30k's 125 batch shapes: +950 MB uncapped, +430 MB with
+# 16 entries (enough for the shapes within one forward pass), for 12% of the bf16 teacher's speed
+# (still 1.7x fp32's); docs/performance.md.
+ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_CAPACITY = 16
+
+
+def bound_onednn_cache() -> None:
+    """Cap oneDNN's primitive cache at :data:`ONEDNN_CACHE_CAPACITY` entries for this process,
+    unless the user set ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``. oneDNN reads the variable when it
+    builds its first primitive: call this before the first bf16 matrix product on CPU."""
+    if ONEDNN_CACHE_VARIABLE in os.environ:
+        logger.info(f"oneDNN primitive cache: {ONEDNN_CACHE_VARIABLE}={os.environ[ONEDNN_CACHE_VARIABLE]} (yours)")
+        return
+    os.environ[ONEDNN_CACHE_VARIABLE] = str(ONEDNN_CACHE_CAPACITY)
+    logger.info(f"oneDNN primitive cache capped at {ONEDNN_CACHE_CAPACITY} entries for the bf16 teacher "
+                f"(set {ONEDNN_CACHE_VARIABLE} to choose another size)")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Map ``auto`` to fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; refuse fp16 on
     CPU, where half-precision matrix products are emulated and slow."""
@@ -166,6 +188,8 @@ class Teacher:
         dtype = _DTYPES[self.resolved_precision] if device.type == "cuda" else torch.float32
         for model in self.models:
             model.to(device=device, dtype=dtype)
+        if device.type == "cpu" and self.resolved_precision == "bf16":
+            bound_onednn_cache()
         self.device = device
         logger.info(f"teacher on {device} in {self.resolved_precision}")
         return self

@@ -113,8 +113,8 @@ def test_many_chunks_same_losses_and_gradients(monkeypatch, temperature):
         return [*terms, z.grad]
 
     whole = run()
-    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 13)  # 3 rows per chunk, the last chunk partial
-    assert len(losses._chunks(11, 13)) == 4
+    monkeypatch.setitem(losses._CHUNK_ELEMENTS, "cpu", 3 * 13)  # 3 rows per chunk, the last chunk partial
+    assert len(losses._chunks(11, 13, torch.device("cpu"))) == 4
     for a, b in zip(whole, run()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 

@@ -1,6 +1,10 @@
 """--teacher-precision: what auto resolves to, that bf16 really runs under autocast on CPU, and
 that the distillation math stays in fp32 whatever the teacher's precision."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -57,3 +61,46 @@ def test_moving_again_to_the_same_device_is_a_no_op(model_and_sample):
     teacher = Teacher([model], precision="fp32")
     assert teacher.to(torch.device("cpu")) is teacher
     assert teacher.device == torch.device("cpu") and teacher.resolved_precision == "fp32"
+
+
+def test_bf16_teacher_on_cpu_caps_onednn_cache_unless_user_chose(model_and_sample, monkeypatch):
+    model, _ = model_and_sample
+    variable = teacher_module.ONEDNN_CACHE_VARIABLE
+    monkeypatch.delenv(variable, raising=False)
+    Teacher([model], precision="fp32").to(torch.device("cpu"))
+    assert variable not in os.environ  # fp32 products do not run through oneDNN's cache
+    Teacher([model], precision="bf16").to(torch.device("cpu"))
+    assert os.environ[variable] == str(teacher_module.ONEDNN_CACHE_CAPACITY)
+    monkeypatch.setenv(variable, "3")
+    Teacher([model], precision="bf16").to(torch.device("cpu"))
+    assert os.environ[variable] == "3"
+
+
+# bf16 products on CPU over 40 operand shapes, twice, in a fresh process, with or without the
+# plugin's cap (set, as in training, after torch is imported); oneDNN's verbose log says whether each
+# product found its primitive in the cache
+_SHAPES_SCRIPT = """
+import sys, torch, torch.nn.functional as F
+from fairseq_kd.teacher import bound_onednn_cache
+if sys.argv[1] == "capped":
+    bound_onednn_cache()
+weight = torch.randn(64, 32)
+with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    for _ in range(2):
+        for rows in range(1, 41):
+            F.linear(torch.randn(rows, 32), weight)
+"""
+
+
+@pytest.mark.skipif(not teacher_module.cpu_supports_bf16(), reason="needs a CPU with native bf16")
+def test_onednn_cache_cap_is_applied_after_torch_is_imported():
+    env = {k: v for k, v in os.environ.items() if k != teacher_module.ONEDNN_CACHE_VARIABLE}
+    env["ONEDNN_VERBOSE"] = "all"
+    hits = {}
+    for mode in ("default", "capped"):
+        log = subprocess.run([sys.executable, "-c", _SHAPES_SCRIPT, mode], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert "create:cache_miss" in log  # the products ran through oneDNN
+        hits[mode] = log.count("create:cache_hit")
+    assert hits["default"] >= 30, hits  # the second pass finds the first pass's 40 primitives
+    assert hits["capped"] == 0, hits  # 16 entries cannot hold 40 shapes visited in turn

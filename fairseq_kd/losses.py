@@ -32,7 +32,7 @@ def check_temperature(value: float) -> None:
     if not value > 0.0:
         raise ValueError(
             f"--temperature must be > 0 (T=1 is the plain softmax; Hinton et al. 2015 soften "
-            f"with T > 1, NVIDIA's NMT study found T in [0.5, 1] best), got {value}"
+            f"with T > 1, NVIDIA's NeMo NMT-distillation guide found T in [0.5, 1] best), got {value}"
         )
 
 

@@ -11,7 +11,7 @@
 #   seq_kd            the teacher's translations only (Kim & Rush 2016 sequence-level KD)
 #   seq_kd_interp     gold and teacher targets of each source, weighted 1:1 (seq_kd_interp)
 #   base_kd           gold pairs plus teacher pairs as one training set (Gordon & Duh 2019)
-#   hybrid_kd         gold NLL + teacher-target NLL + word-level KD (NVIDIA's best recipe)
+#   hybrid_kd         gold NLL + teacher-target NLL + word-level KD (NVIDIA's NeMo NMT-distillation guide)
 #   triple_loss       KD + NLL + cosine of hidden states, from the teacher's layers (DistilBERT)
 #   low_data          5% of the gold pairs and the teacher's translations of all sources, drawn 1:2
 #   seq_kd_then_gold  seq_kd, then fine-tuned on the gold pairs (QuillBot's order)

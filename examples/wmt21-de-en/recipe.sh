@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# WMT21 German->English in the setting of NVIDIA's NMT distillation study: a 24+6-layer teacher
+# WMT21 German->English in the setting of NVIDIA's NeMo NMT-distillation guide (WMT21 de->en, a 24+6 teacher; the
+# widths and the temperature grid are this project's choice, see docs/recipes.md): a 24+6-layer teacher
 # (d=1024, ffn 4096, 16 heads) and students of 1+1 and 3+3 layers, slim (d=256, ffn 1024, 4 heads)
 # and wide (the teacher's widths), each trained on gold data alone and with hybrid_kd; and a
 # temperature grid T in {0.5, 1, 2, 5, 10} of word-level KD for the slim 3+3 student.

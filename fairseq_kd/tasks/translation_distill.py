@@ -97,7 +97,7 @@ class TranslationDistillConfig(TranslationConfig):
     )
     mix_ratios: Optional[str] = field(
         default=None,
-        metadata={"help": "ratio mode: proportions gold:teacher[:extra...], e.g. 0.34:0.66 (NVIDIA's mix) or 1:2"},
+        metadata={"help": "ratio mode: proportions gold:teacher[:extra...], e.g. 0.66:0.34 (the hybrid example of NVIDIA's NeMo guide) or 1:2"},
     )
     mix_epoch_size: int = field(
         default=0,
@@ -197,7 +197,7 @@ class TranslationDistillTask(TranslationTask):
                 "--kd-data-mode concat or ratio, not paired"
             )
         if cfg.kd_data_mode == "ratio" and not cfg.mix_ratios:
-            raise ValueError("--kd-data-mode ratio needs --mix-ratios, e.g. 0.34:0.66 (gold:teacher)")
+            raise ValueError("--kd-data-mode ratio needs --mix-ratios, e.g. 1:2 (gold:teacher)")
 
     def _extra_dirs(self):
         return utils.split_paths(self.cfg.extra_data) if self.cfg.extra_data else []

@@ -1,0 +1,57 @@
+"""Every option the plugin adds is documented on its page in docs/ (the flags fairseq itself defines
+are documented by fairseq)."""
+
+import dataclasses
+import os
+
+import pytest
+from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+from fairseq.tasks import TASK_DATACLASS_REGISTRY
+from fairseq.tasks.translation import TranslationConfig
+
+import fairseq_kd  # noqa: F401  (registers the criterions and the task)
+from fairseq_kd.cli import cache_teacher, distill_data, init_student
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
+CRITERION_PAGES = {"word_kd": "word-kd.md", "seq_kd_interp": "seq-kd.md", "hybrid_kd": "seq-kd.md",
+                   "triple_loss": "triple-loss.md"}
+TOOL_PAGES = [(cache_teacher, "teacher-cache.md"), (distill_data, "distill-data.md"), (init_student, "student-init.md")]
+
+
+def page(name: str) -> str:
+    with open(os.path.join(DOCS, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def own_flags(config_class, inherited=()) -> list:
+    """``--flag`` of each field of a fairseq dataclass config that is neither inherited nor taken from
+    fairseq's global configuration (a ``${...}`` default, e.g. --sentence-avg)."""
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(config_class)
+            if f.name != "_name" and f.name not in inherited and not str(f.default).startswith("${")]
+
+
+def undocumented(flags, text) -> list:
+    return [flag for flag in flags if f"`{flag}" not in text and f"{flag} " not in text]
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERION_PAGES))
+def test_every_criterion_option_is_on_its_page(criterion):
+    flags = own_flags(CRITERION_DATACLASS_REGISTRY[criterion])
+    assert flags
+    assert undocumented(flags, page(CRITERION_PAGES[criterion])) == []
+
+
+def test_every_task_option_is_documented():
+    inherited = {f.name for f in dataclasses.fields(TranslationConfig)}
+    flags = own_flags(TASK_DATACLASS_REGISTRY["translation_distill"], inherited)
+    assert "--teacher-path" in flags and "--student-init" in flags
+    pages = "".join(page(name) for name in set(CRITERION_PAGES.values()) | {"teacher-cache.md", "student-init.md"})
+    assert undocumented(flags, pages) == []
+
+
+@pytest.mark.parametrize("module,name", TOOL_PAGES, ids=[name for _, name in TOOL_PAGES])
+def test_every_tool_option_is_on_its_page(module, name):
+    flags = [s for action in module.get_parser()._actions for s in action.option_strings
+             if s.startswith("--") and s != "--help"]
+    assert len(flags) > 5
+    assert undocumented(flags, page(name)) == []

@@ -239,7 +239,7 @@ class _StudentLosses(torch.autograd.Function):
                 if temperature == 1.0:
                     teacher_target[rows] = q.gather(-1, gold).squeeze(-1)
                 else:
-                    teacher_target[rows] = teacher_log_probs([z[rows] for z in teacher.logits], 1.0).gather(-1, gold).squeeze(-1)
+                    teacher_target[rows] = _teacher_gold_log_prob(teacher.logits, rows, gold, buf)
                 # q log q, with 0 log 0 = 0 (a -inf teacher logit gives 0 * -inf = NaN: nansum)
                 p_q = torch.exp(q, out=buf["q"])
                 neg_entropy[rows] = q.mul_(p_q).nansum(-1)
@@ -333,6 +333,17 @@ def _online_teacher_log_probs(logits, rows, gold, temperature, log_normalizers, 
     if len(logits) > 1:
         log_q -= math.log(len(logits))
     return log_q
+
+
+def _teacher_gold_log_prob(logits, rows, gold, buf) -> torch.Tensor:
+    """log q_1(y) of the gold token at ``rows`` at T = 1, for the logged teacher NLL when training at
+    another temperature: ``log( (1/K) sum_k exp(z_k,y - logsumexp(z_k)) )``, one reduction per
+    member instead of a full log-softmax."""
+    per_member = []
+    for z in logits:
+        x = _as_compute(z[rows], buf["member"].dtype, 1.0, buf, "member")
+        per_member.append(x.gather(-1, gold).squeeze(-1) - torch.logsumexp(x, dim=-1))
+    return torch.logsumexp(torch.stack(per_member), dim=0) - math.log(len(logits))
 
 
 class StudentLosses(NamedTuple):

@@ -174,7 +174,8 @@ def test_online_teacher_single_and_ensemble(temperature, kind):
 
 def test_online_teacher_zero_mass_and_underflow():
     """A token with teacher logit -inf has q = 0 and adds nothing (no NaN, in loss or gradient); a
-    target whose probability underflows float32 still gets its exact teacher NLL."""
+    target whose probability underflows float32 still gets its exact teacher NLL (at T = 1 whatever
+    the training temperature)."""
     z1 = torch.tensor([[0.0, -1000.0, float("-inf")]])
     z2 = torch.tensor([[0.0, -2000.0, float("-inf")]])
     student = torch.tensor([[0.5, -0.5, 1.0]], requires_grad=True)
@@ -183,5 +184,7 @@ def test_online_teacher_zero_mass_and_underflow():
     log_p = torch.log_softmax(student.detach().double(), -1)
     assert float(terms.kd) == pytest.approx(-float(log_p[0, 0]), rel=1e-6)  # q = (1, 0, 0): KL = -log p(0)
     assert float(terms.teacher_nll) == pytest.approx(1000.0 + math.log(2.0), abs=1e-3)
+    at_two = losses.student_losses(student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z1, z2]), 2.0, "kl")
+    assert float(at_two.teacher_nll) == pytest.approx(1000.0 + math.log(2.0), abs=1e-3)
     terms.kd.backward()
     torch.testing.assert_close(student.grad[0].double(), log_p[0].exp() - torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))

@@ -110,11 +110,11 @@ def topk_teacher_distribution(topk_lprobs: torch.Tensor, ids: torch.Tensor, temp
     return TeacherDistribution.from_log_probs(F.log_softmax(topk_lprobs.float() / temperature, dim=-1), ids)
 
 
-# Positions per chunk are chosen so that one chunk of one distribution holds about this many values:
-# on CPU the few chunk-sized buffers kept per thread are 1 MiB each in float32 (docs/performance.md:
-# steps as fast as with 16 MiB chunks, peak memory 20-25 MB lower); on CUDA bigger chunks mean fewer
-# kernel launches.
-_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+# Positions per chunk are chosen so that one chunk of one distribution holds about this many values.
+# On CPU the few chunk-sized buffers kept per thread are 1 MiB each in float32 (docs/performance.md:
+# steps as fast as with 16 MiB chunks, peak memory 20-25 MB lower); elsewhere (CUDA) 16 MiB chunks
+# keep kernel launches few.
+_CHUNK_ELEMENTS = {"cpu": 1 << 18}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 

@@ -207,7 +207,7 @@ class _StudentLosses(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, keep, epsilon, teacher, temperature, kind):
+    def forward(ctx, logits, target, keep, epsilon, teacher, temperature, kind, reuse_logits):
         n, vocab = logits.shape
         dtype = _compute_dtype(logits)
         eps_i = epsilon / (vocab - 1)
@@ -265,6 +265,8 @@ class _StudentLosses(torch.autograd.Function):
             teacher_nll_sum = -teacher_target.masked_fill_(drop, 0.0).sum()
         ctx.mark_non_differentiable(teacher_nll_sum)
         ctx.epsilon, ctx.temperature, ctx.with_kd = epsilon, temperature, with_kd
+        # a leaf is the caller's own tensor: never overwritten
+        ctx.reuse_logits = reuse_logits and logits.grad_fn is not None
         # saved through autograd, so that the teacher's tensors are freed as soon as the backward
         # pass is done, even while the caller still holds the loss
         teacher_tensors = () if not with_kd else (
@@ -292,17 +294,19 @@ class _StudentLosses(torch.autograd.Function):
         kd_scale = grad_kd / temperature
         if with_kd and temperature == 1.0:
             coef_p = coef_p + kd_scale
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.reuse_logits else torch.empty_like(logits)
         converted = logits.dtype != dtype
         scratch = _Scratch(n, vocab, dtype, logits.device)
         for rows in _chunks(n, vocab, logits.device):
             buf = scratch.chunk(rows, n)
             x = _as_compute(logits[rows], dtype, 1.0, buf, "x")
+            if with_kd and temperature != 1.0:  # p_T, read from x before g (which may be x) is written
+                p_t = torch.div(x, temperature, out=buf["x_t"]).sub_(lse_t[rows].unsqueeze(-1)).exp_()
             g = buf["grad"] if converted else grad[rows]
             torch.sub(x, lse[rows].unsqueeze(-1), out=g).exp_().mul_(coef_p)
             if with_kd:
                 if temperature != 1.0:
-                    g.add_(torch.div(x, temperature, out=buf["x_t"]).sub_(lse_t[rows].unsqueeze(-1)).exp_().mul_(kd_scale))
+                    g.add_(p_t.mul_(kd_scale))
                 if teacher.logits:
                     q = _online_teacher_probs(teacher.logits, teacher_lse, rows, temperature, dtype, buf)
                 else:
@@ -317,7 +321,7 @@ class _StudentLosses(torch.autograd.Function):
             g.index_fill_(0, torch.nonzero(~keep[rows]).squeeze(-1), 0.0)
             if converted:
                 grad[rows] = g
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _online_teacher_log_probs(logits, rows, gold, temperature, log_normalizers, buf) -> torch.Tensor:
@@ -363,6 +367,7 @@ def student_losses(
     teacher: Optional[TeacherDistribution] = None,
     temperature: float = 1.0,
     kind: str = "kl",
+    reuse_logits: bool = False,
 ) -> StudentLosses:
     """The student's label-smoothed NLL, NLL and word-level KD term, each summed over non-pad positions.
 
@@ -394,13 +399,19 @@ def student_losses(
             :func:`topk_teacher_distribution`), or None for no KD term.
         temperature: T > 0, applied to the student's and an online teacher's logits in the KD term.
         kind: ``"kl"`` or ``"ce"``.
+        reuse_logits: write the gradient into ``logits``' own memory in the backward pass instead
+            of a new (N, V) tensor (one (N, V) tensor less at the peak of the step). Only for logits
+            that nothing else reads after this function, e.g. straight from the model's output
+            projection (never applied to a leaf tensor).
 
     Returns:
         :class:`StudentLosses`; kd is None without a teacher, teacher_nll None unless it is online.
     """
     if kind not in ("kl", "ce"):
         raise ValueError(f"unknown distillation loss kind {kind!r}; use 'kl' or 'ce'")
-    smoothed, nll, kd, teacher_nll = _StudentLosses.apply(logits, target, ~pad_mask, epsilon, teacher, temperature, kind)
+    smoothed, nll, kd, teacher_nll = _StudentLosses.apply(
+        logits, target, ~pad_mask, epsilon, teacher, temperature, kind, reuse_logits
+    )
     online = teacher is not None and len(teacher.logits) > 0
     return StudentLosses(smoothed, nll, kd if teacher is not None else None, teacher_nll if online else None)
 

@@ -119,6 +119,46 @@ def test_many_chunks_same_losses_and_gradients(monkeypatch, temperature):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _sparse_teacher(n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:3] for _ in range(n)])
+    return losses.topk_teacher_distribution(torch.randn(n, 3, generator=g), ids, 2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("teacher_kind", ["online", "sparse"])
+def test_reused_logits_memory_takes_the_same_gradient(monkeypatch, dtype, temperature, teacher_kind):
+    """With reuse_logits the gradient is written into the logits' own memory (no new (N, V) tensor)
+    and equals the gradient computed into fresh memory, over several chunks."""
+    monkeypatch.setitem(losses._CHUNK_ELEMENTS, "cpu", 3 * 13)
+    student, teacher, target, pad_mask = case(n=11, vocab=13, seed=9)
+
+    def run(reuse):
+        dist = (losses.TeacherDistribution.from_logits([teacher.to(dtype), teacher.to(dtype) / 2])
+                if teacher_kind == "online" else _sparse_teacher(11, 13, seed=10))
+        leaf = student.to(dtype).clone().requires_grad_(True)
+        logits = leaf * 1.0  # not a leaf, as the model's output is
+        seen = {}
+        logits.register_hook(lambda grad: seen.update(grad=grad, same_memory=grad.data_ptr() == logits.data_ptr()))
+        terms = losses.student_losses(logits, target, pad_mask, 0.1, dist, temperature, "kl", reuse_logits=reuse)
+        (terms.smoothed + 0.5 * terms.nll + 2.0 * terms.kd).backward()
+        return seen, leaf.grad
+
+    fresh, fresh_leaf_grad = run(False)
+    reused, reused_leaf_grad = run(True)
+    assert not fresh["same_memory"] and reused["same_memory"]
+    torch.testing.assert_close(reused_leaf_grad, fresh_leaf_grad, rtol=0, atol=0)
+
+
+def test_reuse_never_overwrites_a_leaf():
+    student, _, target, pad_mask = case(seed=11)
+    leaf = student.clone().requires_grad_(True)
+    losses.student_losses(leaf, target, pad_mask, 0.1, reuse_logits=True).nll.backward()
+    torch.testing.assert_close(leaf.detach(), student, rtol=0, atol=0)
+    assert leaf.grad.data_ptr() != leaf.data_ptr()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_logits_fp32_math_and_gradient_dtype(dtype):
     student, teacher, target, pad_mask = case(seed=5, dtype=dtype)

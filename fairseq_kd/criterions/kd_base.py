@@ -81,8 +81,10 @@ class KDCriterionBase(FairseqCriterion):
             if teacher_outputs is None:
                 teacher_outputs = self.teacher_outputs(net_input, logits.device)
             teacher = losses.TeacherDistribution.from_logits([z.reshape(-1, vocab) for z, _ in teacher_outputs])
+        # the logits are read by nothing but this loss: their memory takes their gradient
         terms = losses.student_losses(
-            logits.reshape(-1, vocab), target.reshape(-1), pad_mask.view(-1), self.eps, teacher, self.temperature, self.kd_loss
+            logits.reshape(-1, vocab), target.reshape(-1), pad_mask.view(-1), self.eps, teacher, self.temperature,
+            self.kd_loss, reuse_logits=True,
         )
         return terms, pad_mask
 

@@ -239,7 +239,7 @@ class _StudentLosses(torch.autograd.Function):
                 if temperature == 1.0:
                     teacher_target[rows] = q.gather(-1, gold).squeeze(-1)
                 else:
-                    teacher_target[rows] = _teacher_gold_log_prob(teacher.logits, rows, gold, buf)
+                    teacher_target[rows] = _teacher_gold_log_prob(teacher.logits, rows, gold, dtype, buf)
                 # q log q, with 0 log 0 = 0 (a -inf teacher logit gives 0 * -inf = NaN: nansum)
                 p_q = torch.exp(q, out=buf["q"])
                 neg_entropy[rows] = q.mul_(p_q).nansum(-1)
@@ -339,13 +339,13 @@ def _online_teacher_log_probs(logits, rows, gold, temperature, log_normalizers, 
     return log_q
 
 
-def _teacher_gold_log_prob(logits, rows, gold, buf) -> torch.Tensor:
+def _teacher_gold_log_prob(logits, rows, gold, dtype, buf) -> torch.Tensor:
     """log q_1(y) of the gold token at ``rows`` at T = 1, for the logged teacher NLL when training at
     another temperature: ``log( (1/K) sum_k exp(z_k,y - logsumexp(z_k)) )``, one reduction per
     member instead of a full log-softmax."""
     per_member = []
     for z in logits:
-        x = _as_compute(z[rows], buf["member"].dtype, 1.0, buf, "member")
+        x = _as_compute(z[rows], dtype, 1.0, buf, "member")
         per_member.append(x.gather(-1, gold).squeeze(-1) - torch.logsumexp(x, dim=-1))
     return torch.logsumexp(torch.stack(per_member), dim=0) - math.log(len(logits))
 

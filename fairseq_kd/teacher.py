@@ -44,7 +44,7 @@ def cpu_supports_bf16() -> bool:
 
 
 # oneDNN (which runs bf16 matrix products on CPU) keeps every primitive it builds, with its
-# scratch memory, in a cache of 1024 entries by default. A primitive is built per operand shape, so a
+# generated code and buffers, in a cache of 1024 entries by default. A primitive is built per operand shape, so a
 # bf16 teacher fed batches of ever new shapes grows by several MB per batch shape until the cache is
 # full. benchmarks/teacher_memory.py, Multi30k's 125 batch shapes: +950 MB uncapped, +430 MB with
 # 16 entries (enough for the shapes within one forward pass), for 12% of the bf16 teacher's speed

@@ -37,7 +37,7 @@ class HybridKDConfig(FairseqDataclass):
 
 @register_criterion_once("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(KDCriterionBase):
-    """Hybrid knowledge distillation, the recipe of NVIDIA's NeMo NMT-distillation guide (NeMo PR #2088)::
+    """Hybrid knowledge distillation, the recipe of NVIDIA's NMT-distillation guide (NeMo PR #2088)::
 
         L = a_seq_nll * NLL(y_gold) + a_seq_kd * NLL(y_teacher) + a_word_kd * T^2 * KD
         KD = sum_t KL(q_T(.|prefix_<t, x) || p_T(.|prefix_<t, x))

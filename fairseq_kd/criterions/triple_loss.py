@@ -46,8 +46,8 @@ class TripleLossCriterion(KDCriterionBase):
     the encoder's final states are aligned too, over non-pad source positions. Pairs naturally
     with a student initialised from the teacher's layers (``fairseq-kd-init-student``), whose
     states start aligned. NVIDIA's NeMo NMT-distillation guide found the cosine term did not help
-    NMT in its setting; it is here to compare. The cosine term needs one online teacher (not an ensemble, not
-    a cache); with ``--cos-weight 0`` the KD term may come from a ``--teacher-cache`` (top-k, see
+    NMT in its setting; it is here to compare. The cosine term needs one online teacher (not an
+    ensemble, not a cache); with ``--cos-weight 0`` the KD term may come from a ``--teacher-cache`` (top-k, see
     :func:`fairseq_kd.losses.topk_teacher_distribution`), with no teacher in memory.
     """
 

@@ -3,7 +3,8 @@
 * concat: gold + teacher pairs (+ any extra pairs such as back-translations) as one training set,
   Gordon & Duh 2019's "base+kd" (sequence-level KD as data augmentation).
 * ratio: each epoch draws from every source in fixed proportions, e.g. gold 0.66 : teacher 0.34 as
-  in the hybrid example of NVIDIA's NeMo NMT-distillation guide; the draw is deterministic given the seed and the epoch.
+  in the hybrid example of NVIDIA's NeMo NMT-distillation guide; the draw is deterministic given
+  the seed and the epoch.
 * a fixed random fraction of the gold pairs (the low-data regime: e.g. 5% of gold pairs plus
   teacher translations of all sources, mixed 1:2), the same subset in every epoch.
 """

@@ -97,7 +97,8 @@ class TranslationDistillConfig(TranslationConfig):
     )
     mix_ratios: Optional[str] = field(
         default=None,
-        metadata={"help": "ratio mode: proportions gold:teacher[:extra...], e.g. 0.66:0.34 (the hybrid example of NVIDIA's NeMo guide) or 1:2"},
+        metadata={"help": "ratio mode: proportions gold:teacher[:extra...], e.g. 1:2, or 0.66:0.34 "
+                  "(the hybrid example of NVIDIA's NeMo NMT-distillation guide)"},
     )
     mix_epoch_size: int = field(
         default=0,

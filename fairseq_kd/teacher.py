@@ -44,11 +44,11 @@ def cpu_supports_bf16() -> bool:
 
 
 # oneDNN (which runs bf16 matrix products on CPU) keeps every primitive it builds, with its
-# generated code and buffers, in a cache of 1024 entries by default. A primitive is built per operand shape, so a
-# bf16 teacher fed batches of ever new shapes grows by several MB per batch shape until the cache is
-# full. benchmarks/teacher_memory.py, Multi30k's 125 batch shapes: +950 MB uncapped, +430 MB with
-# 16 entries (enough for the shapes within one forward pass), for 12% of the bf16 teacher's speed
-# (still 1.7x fp32's); docs/performance.md.
+# generated code and buffers, in a cache of 1024 entries by default. A primitive is built per
+# operand shape, so a bf16 teacher fed batches of ever new shapes grows by several MB per batch
+# shape until the cache is full. benchmarks/teacher_memory.py, Multi30k's 125 batch shapes: +950 MB
+# uncapped, +430 MB with 16 entries (enough for the shapes within one forward pass), for 12% of the
+# bf16 teacher's speed (still 1.7x fp32's); docs/performance.md.
 ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 ONEDNN_CACHE_CAPACITY = 16
 

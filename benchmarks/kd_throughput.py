@@ -239,8 +239,9 @@ def write_summary(args, internal_arguments, **parts) -> None:
         **parts,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out + ".partial", "w") as f:  # renamed when complete: never a half-written result
         json.dump(summary, f, indent=2)
+    os.replace(args.out + ".partial", args.out)
     print(f"written {args.out}")
 
 

@@ -1,7 +1,7 @@
 """Resident memory of the teacher's forward pass over every batch shape of a training set, twice.
 
 fairseq batches come in many shapes. In bf16 on CPU, torch's oneDNN backend builds and caches one
-primitive (with its scratch memory) per operand shape, so the process grows with every new batch
+primitive (with its generated code and buffers) per operand shape, so the process grows with every new batch
 shape until the cache is full; the plugin caps that cache for a bf16 teacher (fairseq_kd.teacher).
 This script runs the teacher alone over all batches of the first --sentences training pairs, two
 passes in the same order, in three processes:
@@ -28,6 +28,7 @@ import time
 import torch
 
 import kd_throughput
+from fairseq_kd.teacher import ONEDNN_CACHE_VARIABLE
 
 MODES = {"fp32": ("fp32", None), "bf16": ("bf16", None), "bf16_uncapped": ("bf16", "1024")}
 
@@ -63,7 +64,7 @@ def run_mode(args):
     shapes = {tuple(b["net_input"]["src_tokens"].shape) + tuple(b["net_input"]["prev_output_tokens"].shape) for b in batches}
     print(json.dumps({
         "mode": args.mode, "precision": teacher.resolved_precision, "batches": len(batches), "batch_shapes": len(shapes),
-        "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+        "onednn_primitive_cache_capacity": os.environ.get(ONEDNN_CACHE_VARIABLE),
         "passes": passes, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
@@ -77,9 +78,9 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         kd_throughput.prepare(args, workdir)
         for mode, (_, capacity) in MODES.items():
-            env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+            env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_VARIABLE}
             if capacity is not None:
-                env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
+                env[ONEDNN_CACHE_VARIABLE] = capacity
             cmd = [sys.executable, __file__, *sys.argv[1:], "--mode", mode, "--workdir", workdir]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
             r = results[mode] = json.loads(out.strip().splitlines()[-1])
@@ -89,6 +90,7 @@ def main():
                   f"(pass 1, {first['seconds']:.1f} s) -> {second['rss_after_mb']:.0f} MB (pass 2, {second['seconds']:.1f} s), "
                   f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
     kd_throughput.write_summary(args, ("mode", "workdir"), results=results)
+
 
 if __name__ == "__main__":
     main()

@@ -142,7 +142,7 @@ class _Scratch:
     (N, V)-sized temporaries chunk after chunk, step after step, is paid for in page faults and in
     a fragmented heap on CPU."""
 
-    def __init__(self, n: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, vocab: int, dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = (_chunk_rows(vocab, device), vocab), dtype, device
         if not hasattr(_SCRATCH, "buffers"):
             _SCRATCH.buffers = {}
@@ -220,7 +220,7 @@ class _StudentLosses(torch.autograd.Function):
         neg_entropy = rows_of() if online else (teacher.neg_entropy.to(dtype) if with_kd else None)
         teacher_target = rows_of() if online else None
         teacher_lse = logits.new_zeros(len(teacher.logits), n, dtype=dtype) if online else None
-        scratch = _Scratch(n, vocab, dtype, logits.device)
+        scratch = _Scratch(vocab, dtype, logits.device)
         for rows in _chunks(n, vocab, logits.device):
             buf = scratch.chunk(rows, n)
             gold = target[rows].unsqueeze(-1)
@@ -296,7 +296,7 @@ class _StudentLosses(torch.autograd.Function):
             coef_p = coef_p + kd_scale
         grad = logits if ctx.reuse_logits else torch.empty_like(logits)
         converted = logits.dtype != dtype
-        scratch = _Scratch(n, vocab, dtype, logits.device)
+        scratch = _Scratch(vocab, dtype, logits.device)
         for rows in _chunks(n, vocab, logits.device):
             buf = scratch.chunk(rows, n)
             x = _as_compute(logits[rows], dtype, 1.0, buf, "x")

@@ -139,7 +139,7 @@ def save_topk(args, workdir):
         ni = b["net_input"]
         lprobs = losses.teacher_log_probs(teacher.logits(ni["src_tokens"], ni["src_lengths"], ni["prev_output_tokens"]), 1.0)
         top = lprobs.topk(args.topk, dim=-1)
-        topk.append((top.indices, top.values.half().float()))
+        topk.append((top.indices, top.values.half()))  # as a --teacher-cache batch holds them
     torch.save(topk, os.path.join(workdir, "topk.pt"))
 
 

@@ -99,9 +99,11 @@ def topk_teacher_distribution(topk_lprobs: torch.Tensor, ids: torch.Tensor, temp
         log q_T(v_i) = l_i / T - log sum_{j=1..k} exp(l_j / T)      for the stored top-k v_i
         q_T(v) = 0                                                   for every other token
 
-    where l_i are the stored log-probabilities at T = 1. Since ``l_i = z_i - c`` for a constant c
-    per position, this is exactly the full softmax at temperature T restricted to the top k and
-    renormalised.
+    where l_i are the stored log-probabilities at T = 1. For one teacher ``l_i = z_i - c`` with a
+    constant c per position, so this is exactly its full softmax at temperature T restricted to the
+    top k and renormalised. For an ensemble the stored l_i are log-probabilities averaged in
+    probability space, and at T != 1 this is the softened average, not the average of the softened
+    members that the online teacher computes (docs/teacher-cache.md).
 
     Args:
         topk_lprobs: (N, k) stored log-probabilities, any float dtype.
@@ -265,8 +267,10 @@ class _StudentLosses(torch.autograd.Function):
             teacher_nll_sum = -teacher_target.masked_fill_(drop, 0.0).sum()
         ctx.mark_non_differentiable(teacher_nll_sum)
         ctx.epsilon, ctx.temperature, ctx.with_kd = epsilon, temperature, with_kd
-        # a leaf is the caller's own tensor: never overwritten
-        ctx.reuse_logits = reuse_logits and logits.grad_fn is not None
+        # a leaf, or a view of one, is the caller's own tensor: never overwritten
+        ctx.reuse_logits = reuse_logits and logits.grad_fn is not None and (
+            logits._base is None or logits._base.grad_fn is not None
+        )
         # saved through autograd, so that the teacher's tensors are freed as soon as the backward
         # pass is done, even while the caller still holds the loss
         teacher_tensors = () if not with_kd else (
@@ -318,7 +322,7 @@ class _StudentLosses(torch.autograd.Function):
             if epsilon > 0:
                 g.sub_(coef_const)
             g.scatter_add_(-1, target[rows].unsqueeze(-1), (-coef_gold).expand(buf.size, 1).to(dtype))
-            g.index_fill_(0, torch.nonzero(~keep[rows]).squeeze(-1), 0.0)
+            g.masked_fill_(~keep[rows].unsqueeze(-1), 0.0)  # no host-device sync, unlike indexing
             if converted:
                 grad[rows] = g
         return grad, None, None, None, None, None, None, None

@@ -197,6 +197,10 @@ class Teacher:
     def _precision_context(self):
         if self.device.type == "cpu" and self.resolved_precision == "bf16":
             return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.device.type in ("cpu", "cuda"):
+            # The weights already have the teacher's precision: an autocast region opened around the
+            # criterion (fairseq's --amp) must not recast the teacher's matmuls to its own dtype.
+            return torch.autocast(self.device.type, enabled=False)
         return contextlib.nullcontext()
 
     @torch.no_grad()

@@ -322,11 +322,11 @@ class TeacherCache:
         self.__init__(state["cache_dir"])
 
     def get(self, sample_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(ids LongTensor [n, k], lprobs FloatTensor [n, k] float32) of sentence ``sample_id``,
+        """(ids LongTensor [n, k], lprobs HalfTensor [n, k], as stored) of sentence ``sample_id``,
         row t belonging to position t of its target."""
         start, end = self.offsets[sample_id], self.offsets[sample_id + 1]
         ids = torch.from_numpy(self._ids[start:end].astype(np.int64))
-        lprobs = torch.from_numpy(self._lprobs[start:end].astype(np.float32))
+        lprobs = torch.from_numpy(np.array(self._lprobs[start:end]))
         return ids, lprobs
 
     def check_matches(self, target_sizes: Sequence[int], dictionary) -> None:

@@ -82,6 +82,48 @@ def test_ratio_mix_is_deterministic_per_seed(tiny_data, kd_bin, tmp_path):
     assert first != epoch_ids(1, 2)
 
 
+def setup_distill_task(tiny_data, *flags):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    argv = [str(tiny_data / "bin"), "--user-dir", USER_DIR, "--task", "translation_distill", *map(str, flags),
+            "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    return tasks.setup_task(cfg.task)
+
+
+def test_ratio_mix_takes_a_source_of_exactly_its_share_whole(tiny_data, kd_bin):
+    """1:1 of 2000 gold and 2000 teacher pairs in 4000 per epoch: every pair once, none repeated."""
+    task = setup_distill_task(tiny_data, "--kd-data", kd_bin, "--kd-data-mode", "ratio", "--mix-ratios", "1:1")
+    task.load_dataset("train")
+    mixed = task.dataset("train")
+    mixed.set_epoch(1)
+    pairs = sorted((tuple(mixed[i]["source"].tolist()), tuple(mixed[i]["target"].tolist())) for i in range(len(mixed)))
+    gold_task = setup_distill_task(tiny_data)
+    gold_task.load_dataset("train")
+    sources = (gold_task.dataset("train"), gold_task._load_pairs(str(kd_bin), "train"))
+    expected = sorted(
+        (tuple(d[i]["source"].tolist()), tuple(d[i]["target"].tolist())) for d in sources for i in range(len(d))
+    )
+    assert len(pairs) == 4000 and pairs == expected
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--kd-data-mode", "ratio", "--mix-ratios", "1:2"], "--kd-data-mode, --mix-ratios"),
+    (["--gold-fraction", "0.05"], "--gold-fraction"),
+    (["--extra-data", "bt-bin"], "--extra-data"),
+])
+def test_mixing_flags_without_kd_data_are_refused(tiny_data, flags, named):
+    with pytest.raises(ValueError, match=re.escape(named) + r" mix the gold pairs .* pass --kd-data DIR"):
+        setup_distill_task(tiny_data, *flags)
+
+
+def test_negative_mix_epoch_size_is_refused(tiny_data, kd_bin):
+    with pytest.raises(ValueError, match="--mix-epoch-size must be >= 0"):
+        setup_distill_task(tiny_data, "--kd-data", kd_bin, "--kd-data-mode", "ratio", "--mix-ratios", "1:2",
+                           "--mix-epoch-size", "-5")
+
+
 def binarize_pairs(tiny_data, pairs, dest):
     """Binarize ``pairs`` as the train split of ``dest`` with the tiny data's dictionaries."""
     dest.mkdir()

@@ -35,7 +35,7 @@ def pairs(task, src, tgt):
 
 @pytest.fixture(scope="module")
 def setup(data_dir):  # noqa: F811
-    cfg = parse(data_dir, "--dropout", "0.0")
+    cfg = parse(data_dir, "--dropout", "0.0", "--kd-data", str(data_dir))  # datasets built below
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(0)
     student = task.build_model(cfg.model)
@@ -150,16 +150,64 @@ def test_hybrid_kd_reduce_metrics_logs_each_term(setup):
     assert "teacher_ppl" in values and "ppl" in values
 
 
-def test_missing_teacher_targets_are_an_error_in_training(setup):
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_missing_teacher_targets_are_an_error_in_training(setup, alpha):
     task, student, _, sample, _ = setup
-    crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", "0.5"))
+    crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", str(alpha)))
     gold_only = {k: v for k, v in sample.items() if not k.startswith("kd_")}
     student.train()
     with pytest.raises(ValueError, match="--kd-data"):
         crit(student, gold_only)
     student.eval()
-    loss, _, log = crit(student, gold_only)  # validation without teacher targets: gold term only
-    assert "seq_kd_nll_loss" not in log and float(loss) > 0
+    try:
+        # validation without teacher targets: the gold target takes both weights, as plain NLL would
+        loss, _, log = crit(student, gold_only)
+        loss_fs, _, log_fs = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=EPS)(
+            student, gold_only
+        )
+    finally:
+        student.train()
+    assert "seq_kd_nll_loss" not in log
+    torch.testing.assert_close(loss, loss_fs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(log["nll_loss"], log_fs["nll_loss"], rtol=1e-6, atol=1e-6)
+
+
+def test_pure_sequence_level_kd_validates_on_the_gold_nll(setup):
+    """alpha = 1 skips the gold pass in training only: validation logs the gold nll_loss that
+    --best-checkpoint-metric nll_loss reads, while its loss stays the teacher-target term."""
+    task, student, teacher, sample, _ = setup
+    pad = task.target_dictionary.pad()
+    crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", "1"))
+    assert "nll_loss" not in crit(student, sample)[2]
+    student.eval()
+    try:
+        loss, _, log = crit(student, sample)
+    finally:
+        student.train()
+    _, gold_nll, _ = sums(student, teacher, sample["net_input"], sample["target"], 1.0, pad)
+    kd_ls, _, _ = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], 1.0, pad)
+    assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
+    assert float(loss) == pytest.approx(kd_ls, rel=1e-5)
+
+
+@pytest.mark.parametrize("criterion, flags", [
+    ("seq_kd_interp", ["--alpha", "0.5"]),
+    ("hybrid_kd", []),
+    ("hybrid_kd", ["--seq-kd-weight", "0", "--word-kd-prefix", "teacher"]),
+])
+def test_teacher_targets_are_required_at_start_up(data_dir, criterion, flags):  # noqa: F811
+    cfg = parse(data_dir, "--teacher-path", "unused.pt", criterion=criterion)
+    task = tasks.setup_task(cfg.task)
+    with pytest.raises(ValueError, match="--kd-data DIR .* --kd-data-mode paired"):
+        task.build_criterion(parse_criterion(task, criterion, *flags))
+
+
+def test_hybrid_kd_on_the_gold_prefix_needs_no_teacher_targets(data_dir):  # noqa: F811
+    cfg = parse(data_dir, criterion="hybrid_kd")
+    task = tasks.setup_task(cfg.task)
+    task._teacher = Teacher([task.build_model(cfg.model)], precision="fp32")
+    crit = task.build_criterion(parse_criterion(task, "hybrid_kd", "--seq-kd-weight", "0", "--word-kd-prefix", "gold"))
+    assert not crit.uses_teacher_targets
 
 
 @pytest.mark.parametrize("criterion, flags, message", [
@@ -167,6 +215,7 @@ def test_missing_teacher_targets_are_an_error_in_training(setup):
     ("hybrid_kd", ["--seq-kd-weight", "-1"], "weights must be >= 0"),
     ("hybrid_kd", ["--seq-nll-weight", "0", "--seq-kd-weight", "0", "--word-kd-weight", "0"], "not all 0"),
     ("hybrid_kd", ["--temperature", "0"], "--temperature must be > 0"),
+    ("seq_kd_interp", ["--label-smoothing", "1"], r"--label-smoothing must lie in \[0, 1\)"),
 ])
 def test_bad_flags_are_refused(setup, criterion, flags, message):
     task = setup[0]
@@ -176,3 +225,33 @@ def test_bad_flags_are_refused(setup, criterion, flags, message):
 
 def parse_criterion(task, name, *flags):
     return parse(task.cfg.data, "--label-smoothing", str(EPS), *flags, criterion=name).criterion
+
+
+def write_mmap(path, sentences):
+    from fairseq.data import indexed_dataset
+
+    builder = indexed_dataset.make_builder(str(path) + ".bin", impl="mmap", vocab_size=100)
+    for s in sentences:
+        builder.add_item(s)
+    builder.finalize(str(path) + ".idx")
+    return indexed_dataset.MMapIndexedDataset(str(path))
+
+
+@pytest.mark.parametrize("block", [4, 1 << 24])
+def test_check_aligned_compares_binarized_sources_in_blocks(tmp_path, monkeypatch, block):
+    """The buffer comparison of binarized data finds the same sentences as a sentence-by-sentence one,
+    also where a differing sentence spans two blocks."""
+    from fairseq_kd.data import teacher_target_dataset
+
+    monkeypatch.setattr(teacher_target_dataset, "_TOKENS_PER_BLOCK", block)
+    g = torch.Generator().manual_seed(3)
+    gold = [torch.randint(4, 100, (n,), generator=g) for n in (3, 5, 2, 6, 4)]
+    other = [s.clone() for s in gold]
+    other[1][4] += 1  # tokens 3..7: spans the first two blocks of 4
+    other[3][0] += 1
+    a, b = write_mmap(tmp_path / "a", gold), write_mmap(tmp_path / "b", other)
+    assert isinstance(a[0], torch.Tensor)
+    assert teacher_target_dataset._differing_sentences(a, b).tolist() == [1, 3]
+    assert teacher_target_dataset._differing_sentences(a, write_mmap(tmp_path / "c", gold)).tolist() == []
+    in_memory = teacher_target_dataset._differing_sentences(gold, other)
+    assert in_memory.tolist() == [1, 3]

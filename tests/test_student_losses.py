@@ -151,10 +151,13 @@ def test_reused_logits_memory_takes_the_same_gradient(monkeypatch, dtype, temper
     torch.testing.assert_close(reused_leaf_grad, fresh_leaf_grad, rtol=0, atol=0)
 
 
-def test_reuse_never_overwrites_a_leaf():
+@pytest.mark.parametrize("as_view", [False, True])
+def test_reuse_never_overwrites_a_leaf(as_view):
+    """Neither a leaf nor a view of one (which has a grad_fn of its own) is the loss's to overwrite."""
     student, _, target, pad_mask = case(seed=11)
     leaf = student.clone().requires_grad_(True)
-    losses.student_losses(leaf, target, pad_mask, 0.1, reuse_logits=True).nll.backward()
+    logits = leaf.view(student.shape) if as_view else leaf
+    losses.student_losses(logits, target, pad_mask, 0.1, reuse_logits=True).nll.backward()
     torch.testing.assert_close(leaf.detach(), student, rtol=0, atol=0)
     assert leaf.grad.data_ptr() != leaf.data_ptr()
 

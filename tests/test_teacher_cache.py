@@ -67,8 +67,9 @@ def check_against_direct(cache, dataset, sample_ids, direct_lprobs):
         n = int(dataset.tgt_sizes[sample_id])
         assert batch["target"][row, n:].eq(dataset.tgt_dict.pad()).all()
         ids, cached = cache.get(sample_id)
-        assert ids.dtype == torch.int64 and cached.dtype == torch.float32
+        assert ids.dtype == torch.int64 and cached.dtype == torch.float16
         assert ids.shape == cached.shape == (n, cache.k)
+        cached = cached.float()
         # the cached log-probs are the k best, best first ...
         torch.testing.assert_close(cached, top_lprobs[row, :n], rtol=1e-3, atol=1e-3)
         # ... and belong to the cached ids (robust to the order of near-ties)
@@ -122,6 +123,13 @@ def test_interrupted_build_resumes_to_identical_arrays(tiny_data, tiny_teacher, 
     assert build(tiny_data, tiny_teacher, out)["computed_shards"] == []  # complete: nothing to redo
 
 
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_stop_after_no_shards_is_refused(tiny_data, tiny_teacher, tmp_path, count):
+    with pytest.raises(ValueError, match="--stop-after-shards must be >= 1"):
+        build(tiny_data, tiny_teacher, tmp_path / "cache", "--stop-after-shards", count)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_resuming_with_other_settings_is_refused(tiny_data, tiny_teacher, valid_cache, tmp_path):
     out = tmp_path / "cache"
     build(tiny_data, tiny_teacher, out, "--stop-after-shards", "1")
@@ -158,7 +166,8 @@ def test_dataset_wrapper_aligns_with_target(tiny_data, valid_cache, left_pad_tar
     for batch in batches:
         target, ids, lprobs = batch["target"], batch["teacher_topk_ids"], batch["teacher_topk_lprobs"]
         assert ids.shape == lprobs.shape == (*target.shape, 8)
-        assert ids.dtype == torch.int64 and lprobs.dtype == torch.float32
+        # float16 as stored: fairseq's --bf16 recasts float32 batch tensors only, so the cache keeps its precision
+        assert ids.dtype == torch.int64 and lprobs.dtype == torch.float16
         assert target[:, 0 if left_pad_target else -1].eq(pad).any()  # batches are padded on that side
         for row, sample_id in enumerate(batch["id"].tolist()):
             real = target[row].ne(pad)

@@ -56,6 +56,18 @@ def test_bf16_runs_under_autocast_with_fp32_weights(model_and_sample):
     assert losses.teacher_log_probs([logits], 2.0).dtype == torch.float32
 
 
+def test_fp32_teacher_ignores_the_callers_autocast(model_and_sample):
+    """fairseq's --amp runs the criterion under autocast; the teacher keeps its own precision."""
+    model, sample = model_and_sample
+    teacher = Teacher([model], precision="fp32").to(torch.device("cpu"))
+    plain = forward(teacher, sample)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = forward(teacher, sample)
+        encoder_states = teacher.encoder_states(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"])
+    assert under_autocast.dtype == torch.float32 and encoder_states[0].dtype == torch.float32
+    torch.testing.assert_close(under_autocast, plain, rtol=0, atol=0)
+
+
 def test_moving_again_to_the_same_device_is_a_no_op(model_and_sample):
     model, _ = model_and_sample
     teacher = Teacher([model], precision="fp32")

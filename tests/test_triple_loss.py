@@ -123,12 +123,32 @@ def test_encoder_states_add_source_positions(data_dir):  # noqa: F811
     assert log["cos_positions"] == sample["ntokens"] + int(src.ne(pad).sum())
 
 
-def test_ensemble_is_refused_for_the_cosine_term(data_dir):  # noqa: F811
-    task, student, teacher, sample, cfg = build(data_dir, 16)
+def test_student_encoder_runs_once_for_both_terms(data_dir):  # noqa: F811
+    """The encoder states the cosine term compares are those the decoder read (one pass, one dropout)."""
+    task, student, _, sample, cfg = build(data_dir, 16, "--cos-states", "decoder+encoder")
     crit = task.build_criterion(cfg)
+    calls = []
+    student.encoder.register_forward_hook(lambda *_: calls.append(1))
+    hooks = len(student.encoder._forward_hooks)
+    crit(student, sample)
+    assert len(calls) == 1
+    assert len(student.encoder._forward_hooks) == hooks  # the criterion's own hook is removed again
+
+
+def test_zero_kd_weight_skips_the_kd_term(data_dir):  # noqa: F811
+    task, student, teacher, sample, cfg = build(data_dir, 16, "--kd-weight", "0", "--nll-weight", "0.2",
+                                                "--cos-weight", "1.5")
+    loss, _, log = task.build_criterion(cfg)(student, sample)
+    ref = reference(student, teacher, sample, task.target_dictionary.pad())
+    assert "kd_loss" not in log
+    assert float(loss) == pytest.approx(0.2 * ref["ls"] + 1.5 * ref["cos"], rel=1e-5)
+
+
+def test_ensemble_is_refused_for_the_cosine_term_at_start_up(data_dir):  # noqa: F811
+    task, _, teacher, _, cfg = build(data_dir, 16)
     task._teacher = Teacher([teacher, teacher], precision="fp32")
     with pytest.raises(ValueError, match="one teacher"):
-        crit(student, sample)
+        task.build_criterion(cfg)
 
 
 def test_is_registered():

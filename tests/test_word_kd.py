@@ -296,6 +296,7 @@ def test_parsed_criterion_with_ce_enum(data_dir, setup):
         (["--alpha", "-0.5"], r"--alpha must lie in \[0, 1\]"),
         (["--temperature", "0"], r"--temperature must be > 0.*got 0"),
         (["--temperature", "-2"], r"--temperature must be > 0"),
+        (["--label-smoothing", "-0.1"], r"--label-smoothing must lie in \[0, 1\)"),
     ],
 )
 def test_bad_flags_fail_at_construction(data_dir, flags, message):
@@ -361,3 +362,14 @@ def test_teacher_in_eval_mode_and_gets_no_gradients(setup):
     student_grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
     student.zero_grad()
+
+
+def test_task_max_positions_are_narrowed_to_the_teachers(data_dir):
+    """Batches are filtered by the teacher's position limits too, not only the student's."""
+    short = parse(data_dir, "--max-source-positions", "16", "--max-target-positions", "12")
+    teacher = tasks.setup_task(short.task).build_model(short.model)
+    assert teacher.max_positions() == (16, 12)
+    task = tasks.setup_task(parse(data_dir).task)
+    assert task.max_positions() == (1024, 1024)
+    task._teacher = Teacher([teacher], precision="fp32")
+    assert task.max_positions() == (16, 12)

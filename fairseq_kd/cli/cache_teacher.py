@@ -166,6 +166,10 @@ def cache_teacher(args) -> dict:
     """Build (or resume) the cache that ``args`` describe; return a summary of the run."""
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.stop_after_shards is not None and args.stop_after_shards < 1:
+        raise ValueError(
+            f"--stop-after-shards must be >= 1 (leave it out to compute every shard), got {args.stop_after_shards}"
+        )
     task, dataset = load_split(args)
     tgt_dict = task.target_dictionary
     if args.k > len(tgt_dict):

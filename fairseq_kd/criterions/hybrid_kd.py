@@ -16,7 +16,9 @@ class HybridKDConfig(FairseqDataclass):
         default=1.0, metadata={"help": "a_seq_kd: weight of the NLL of the teacher's target (sequence-level KD)"}
     )
     word_kd_weight: float = field(
-        default=1.0, metadata={"help": "a_word_kd: weight of the word-level term T^2 * KL(q_T || p_T)"}
+        default=1.0,
+        metadata={"help": "a_word_kd: weight of the word-level term T^2 * KL(q_T || p_T) (or T^2 * H(q_T, p_T) "
+                  "with --kd-loss ce)"},
     )
     word_kd_prefix: ChoiceEnum(["teacher", "gold", "both"]) = field(
         default="teacher",
@@ -37,17 +39,21 @@ class HybridKDConfig(FairseqDataclass):
 
 @register_criterion_once("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(KDCriterionBase):
-    """Hybrid knowledge distillation, the recipe of NVIDIA's NMT-distillation guide (NeMo PR #2088)::
+    """Hybrid knowledge distillation: Kim & Rush 2016's sequence-level and word-level KD together
+    with the gold NLL, the combination NVIDIA's NMT-distillation guide recommends (NeMo PR #2088)::
 
-        L = a_seq_nll * NLL(y_gold) + a_seq_kd * NLL(y_teacher) + a_word_kd * T^2 * KD
-        KD = sum_t KL(q_T(.|prefix_<t, x) || p_T(.|prefix_<t, x))
+        L = a_seq_nll * NLL_eps(y_gold) + a_seq_kd * NLL_eps(y_teacher) + a_word_kd * T^2 * KD
+        KD = sum_t KL(q_T(.|prefix_<t, x) || p_T(.|prefix_<t, x))     (--kd-loss ce: H(q_T, p_T))
 
-    NLL(y_teacher) is Kim & Rush 2016's sequence-level KD on the teacher's beam output (from
-    ``--kd-data``, ``sample["kd_target"]``); KD is Hinton et al. 2015's word-level term with the
-    online teacher, on the teacher-target prefix, the gold prefix, or both (``--word-kd-prefix``);
-    a --teacher-cache (built for the gold targets) serves the gold prefix.
-    A term whose weight is 0 is not computed. In validation, batches without teacher targets
-    (no valid split in --kd-data) get the gold-prefix terms only.
+    NLL_eps is the label-smoothed NLL; NLL(y_teacher) is sequence-level KD on the teacher's beam
+    output (from ``--kd-data`` in paired mode, ``sample["kd_target"]``); KD is Hinton et al. 2015's
+    word-level term with the online teacher, on the teacher-target prefix, the gold prefix, or the
+    sum over both (``--word-kd-prefix``); a --teacher-cache (built for the gold targets) can serve
+    the gold prefix only, so it fits ``--seq-kd-weight 0 --word-kd-prefix gold``.
+    A term whose weight is 0 is not computed in training. Validation always logs the gold
+    ``nll_loss`` (comparable across criterions); a validation batch without teacher targets (no
+    valid split in --kd-data) counts the gold target for both sequence-level terms,
+    (a_seq_nll + a_seq_kd) * NLL_eps(y_gold), plus the gold-prefix word-level term.
     """
 
     def __init__(self, task, seq_nll_weight, seq_kd_weight, word_kd_weight, word_kd_prefix, temperature,
@@ -63,23 +69,46 @@ class HybridKDCriterion(KDCriterionBase):
         self.word_kd_prefixes = ("teacher", "gold") if word_kd_prefix == "both" else (word_kd_prefix,)
         if word_kd_weight > 0:
             self.require_teacher()
+        self.uses_teacher_targets = seq_kd_weight > 0 or (word_kd_weight > 0 and "teacher" in self.word_kd_prefixes)
+        if self.uses_teacher_targets:
+            self.require_teacher_targets()
+
+    def require_teacher_targets(self):
+        """Fail at start-up when the task will not pair each gold target with the teacher's."""
+        cfg = self.task.cfg
+        if getattr(cfg, "kd_data", None) and cfg.kd_data_mode == "paired":
+            return
+        hint = (
+            "; a --teacher-cache holds the teacher for the gold targets only: with it, use "
+            "--seq-kd-weight 0 --word-kd-prefix gold (or word_kd)" if getattr(cfg, "teacher_cache", None) else ""
+        )
+        raise ValueError(
+            f"criterion {self.__class__.__name__} trains on the teacher's translations next to the gold "
+            "targets: use --task translation_distill --kd-data DIR (fairseq-kd-distill-data output) "
+            f"--kd-data-mode paired{hint}"
+        )
 
     def forward(self, model, sample, reduce=True):
         log = {"ntokens": sample["ntokens"], "nsentences": sample["target"].size(0)}
         loss = 0.0
-        needs_gold_pass = self.seq_nll_weight > 0 or (self.word_kd_weight > 0 and "gold" in self.word_kd_prefixes)
-        needs_teacher_pass = self.seq_kd_weight > 0 or (self.word_kd_weight > 0 and "teacher" in self.word_kd_prefixes)
+        # validation always runs the gold pass: its nll_loss is the metric comparable across criterions
+        needs_gold_pass = (
+            not model.training or self.seq_nll_weight > 0
+            or (self.word_kd_weight > 0 and "gold" in self.word_kd_prefixes)
+        )
+        needs_teacher_pass, gold_weight = self.uses_teacher_targets, self.seq_nll_weight
         if needs_teacher_pass and "kd_target" not in sample:
             if model.training:
                 raise ValueError(
                     f"{self.__class__.__name__} needs the teacher's translations: pass --kd-data DIR "
                     "(fairseq-kd-distill-data output) with --kd-data-mode paired"
                 )
-            needs_teacher_pass, needs_gold_pass = False, True  # validation set without teacher targets
+            # a validation set without teacher targets: the gold target stands in for the teacher's
+            needs_teacher_pass, gold_weight = False, self.seq_nll_weight + self.seq_kd_weight
 
         passes = []
         if needs_gold_pass:
-            passes.append(("gold", sample["net_input"], sample["target"], self.seq_nll_weight, "nll_loss"))
+            passes.append(("gold", sample["net_input"], sample["target"], gold_weight, "nll_loss"))
         if needs_teacher_pass:
             passes.append(("teacher", sample["kd_net_input"], sample["kd_target"], self.seq_kd_weight, "seq_kd_nll_loss"))
             log["kd_ntokens"] = sample["kd_ntokens"]
@@ -89,7 +118,7 @@ class HybridKDCriterion(KDCriterionBase):
             net_output = model(**net_input)
             with_kd = self.word_kd_weight > 0 and prefix in self.word_kd_prefixes
             cache = cached_topk(sample) if prefix == "gold" else None
-            terms, pad_mask = self.student_terms(model, net_output, net_input, target, with_kd, cache)
+            terms, pad_mask = self.student_terms(net_output, net_input, target, with_kd, cache)
             loss = loss + nll_weight * terms.smoothed
             log[nll_key] = terms.nll.data
             if with_kd:

@@ -39,6 +39,8 @@ class KDCriterionBase(FairseqCriterion):
     def __init__(self, task, sentence_avg, label_smoothing=0.0, temperature=1.0, kd_loss="kl"):
         super().__init__(task)
         losses.check_temperature(temperature)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must lie in [0, 1) (0 = none, 0.1 is usual), got {label_smoothing}")
         self.sentence_avg = sentence_avg
         self.eps = label_smoothing
         self.temperature = temperature
@@ -56,7 +58,7 @@ class KDCriterionBase(FairseqCriterion):
     def sample_size(self, sample):
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
-    def student_terms(self, model, net_output, net_input, target, with_kd=False, cached=None, teacher_outputs=None):
+    def student_terms(self, net_output, net_input, target, with_kd=False, cached=None, teacher_outputs=None):
         """The student's losses on ``target``, each summed over its non-pad positions.
 
         Returns ``(losses.StudentLosses, pad mask)``. Without ``with_kd``, its KD and teacher NLL

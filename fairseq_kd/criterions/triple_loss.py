@@ -14,7 +14,9 @@ from fairseq_kd.registry import register_criterion_once
 
 @dataclass
 class TripleLossConfig(FairseqDataclass):
-    kd_weight: float = field(default=1.0, metadata={"help": "a_kd: weight of T^2 * KL(q_T || p_T)"})
+    kd_weight: float = field(
+        default=1.0, metadata={"help": "a_kd: weight of T^2 * KL(q_T || p_T) (or T^2 * H(q_T, p_T) with --kd-loss ce)"}
+    )
     nll_weight: float = field(default=1.0, metadata={"help": "a_nll: weight of the gold NLL"})
     cos_weight: float = field(default=1.0, metadata={"help": "a_cos: weight of sum_t (1 - cos(h_s, h_t))"})
     cos_states: ChoiceEnum(["decoder", "decoder+encoder"]) = field(
@@ -43,12 +45,14 @@ class TripleLossCriterion(KDCriterionBase):
 
     over non-pad target positions, h the decoder's final hidden states (the input of the output
     projection) of student and teacher on the gold prefix; with ``--cos-states decoder+encoder``
-    the encoder's final states are aligned too, over non-pad source positions. Pairs naturally
+    the encoder's final states are aligned too, over non-pad source positions (the student's are
+    read off its one forward pass; the teacher's encoder runs a second time). Pairs naturally
     with a student initialised from the teacher's layers (``fairseq-kd-init-student``), whose
     states start aligned. NVIDIA's NeMo NMT-distillation guide found the cosine term did not help
     NMT in its setting; it is here to compare. The cosine term needs one online teacher (not an
     ensemble, not a cache); with ``--cos-weight 0`` the KD term may come from a ``--teacher-cache`` (top-k, see
-    :func:`fairseq_kd.losses.topk_teacher_distribution`), with no teacher in memory.
+    :func:`fairseq_kd.losses.topk_teacher_distribution`), with no teacher in memory. A term whose
+    weight is 0 is not computed.
     """
 
     def __init__(self, task, kd_weight, nll_weight, cos_weight, cos_states, width_mismatch, temperature, kd_loss,
@@ -57,7 +61,8 @@ class TripleLossCriterion(KDCriterionBase):
         weights = {"kd-weight": kd_weight, "nll-weight": nll_weight, "cos-weight": cos_weight}
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"triple_loss weights must be >= 0 and not all 0, got {weights}")
-        self.require_teacher()
+        if kd_weight > 0 or cos_weight > 0:
+            self.require_teacher()
         if cos_weight > 0 and getattr(task.cfg, "teacher_cache", None):
             raise ValueError(
                 "triple_loss's cosine term compares the teacher's hidden states, which a --teacher-cache "
@@ -66,6 +71,8 @@ class TripleLossCriterion(KDCriterionBase):
             )
         self.kd_weight, self.nll_weight, self.cos_weight = kd_weight, nll_weight, cos_weight
         self.sides = ("decoder", "encoder") if cos_states == "decoder+encoder" else ("decoder",)
+        if cos_weight > 0 and len(task.loaded_teacher().models) > 1:
+            raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
         self.projections = torch.nn.ModuleDict(self._projections(str(width_mismatch)) if cos_weight > 0 else {})
 
     def _projections(self, width_mismatch):
@@ -91,17 +98,28 @@ class TripleLossCriterion(KDCriterionBase):
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
-        net_output = model(**net_input)
+        align_encoder = self.cos_weight > 0 and "encoder" in self.sides
+        student_encoder = {}
+        if align_encoder:  # the student's encoder output, caught in its one forward pass
+            hook = model.encoder.register_forward_hook(lambda _module, _args, out: student_encoder.update(out=out))
+        try:
+            net_output = model(**net_input)
+        finally:
+            if align_encoder:
+                hook.remove()
         target = model.get_targets(sample, net_output)
-        cached = cached_topk(sample)  # only with --cos-weight 0 (checked at start-up): then no teacher runs
-        teacher_outputs = None if cached is not None else self.teacher_outputs(net_input, target.device)
-        if self.cos_weight > 0 and len(teacher_outputs) > 1:
-            raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
+        with_kd = self.kd_weight > 0
+        cached = cached_topk(sample) if with_kd else None  # only with --cos-weight 0 (checked at start-up)
+        needs_teacher = self.cos_weight > 0 or (with_kd and cached is None)
+        teacher_outputs = self.teacher_outputs(net_input, target.device) if needs_teacher else None
         terms, pad_mask = self.student_terms(
-            model, net_output, net_input, target, with_kd=True, cached=cached, teacher_outputs=teacher_outputs
+            net_output, net_input, target, with_kd=with_kd, cached=cached, teacher_outputs=teacher_outputs
         )
-        loss = self.kd_weight * self.temperature**2 * terms.kd + self.nll_weight * terms.smoothed
-        log = {"nll_loss": terms.nll.data, "kd_loss": terms.kd.data, "kd_positions": sample["ntokens"]}
+        loss = self.nll_weight * terms.smoothed
+        log = {"nll_loss": terms.nll.data}
+        if with_kd:
+            loss = loss + self.kd_weight * self.temperature**2 * terms.kd
+            log.update(kd_loss=terms.kd.data, kd_positions=sample["ntokens"])
         if terms.teacher_nll is not None:
             log["teacher_nll_loss"] = terms.teacher_nll.data
 
@@ -113,9 +131,9 @@ class TripleLossCriterion(KDCriterionBase):
                 student_states.reshape(-1, width), teacher_states.reshape(-1, width), pad_mask.view(-1)
             )
             cos_positions = sample["ntokens"]
-            if "encoder" in self.sides:
+            if align_encoder:
                 src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
-                student_enc = self._project("encoder", model.encoder(src_tokens, src_lengths=src_lengths)["encoder_out"][0].transpose(0, 1))
+                student_enc = self._project("encoder", student_encoder["out"]["encoder_out"][0].transpose(0, 1))
                 teacher_enc = self.task.teacher(target.device).encoder_states(src_tokens, src_lengths)[0]
                 src_pad = src_tokens.eq(self.padding_idx)
                 enc_width = teacher_enc.size(-1)

@@ -55,7 +55,7 @@ class WordKDCriterion(KDCriterionBase):
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         target = model.get_targets(sample, net_output)
-        terms, _ = self.student_terms(model, net_output, sample["net_input"], target, with_kd=True, cached=cached_topk(sample))
+        terms, _ = self.student_terms(net_output, sample["net_input"], target, with_kd=True, cached=cached_topk(sample))
         loss = (1.0 - self.alpha) * terms.smoothed + self.alpha * self.temperature**2 * terms.kd
 
         sample_size = self.sample_size(sample)

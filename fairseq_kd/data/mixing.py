@@ -9,6 +9,7 @@
   teacher translations of all sources, mixed 1:2), the same subset in every epoch.
 """
 
+import math
 from typing import List, Sequence
 
 import numpy as np
@@ -79,16 +80,20 @@ def parse_ratios(ratios: str, n_sources: int) -> List[float]:
 
 
 def mix_by_ratio(sources: Sequence[LanguagePairDataset], ratios: Sequence[float], epoch_size: int, seed: int, epoch: int):
-    """Each epoch, ``ratio_i * epoch_size`` pairs drawn from source i (with replacement where a
-    source has fewer pairs than that), deterministic given ``seed`` and the epoch."""
+    """Each epoch, ``ratio_i * epoch_size`` pairs drawn from source i (with replacement only where a
+    source has fewer pairs than that: exactly as many is a permutation of all of them),
+    deterministic given ``seed`` and the epoch."""
     parts = []
     for i, (source, ratio) in enumerate(zip(sources, ratios)):
         if ratio == 0:
             continue
         size_ratio = ratio * epoch_size / len(source)
+        if math.isclose(size_ratio, 1.0):
+            parts.append(source)  # exactly its share: every pair once (the batches are shuffled anyway)
+            continue
         parts.append(
             ResamplingDataset(
-                source, replace=size_ratio >= 1.0, size_ratio=size_ratio, seed=seed + 1000 * i, epoch=epoch
+                source, replace=size_ratio > 1.0, size_ratio=size_ratio, seed=seed + 1000 * i, epoch=epoch
             )
         )
     return ConcatDataset(parts)

@@ -13,7 +13,9 @@ class TeacherCacheDataset(BaseWrapperDataset):
     (B x T, padded on the side ``left_pad_target`` says):
 
     - ``teacher_topk_ids``: LongTensor B x T x k, the teacher's k most probable tokens, best first;
-    - ``teacher_topk_lprobs``: FloatTensor B x T x k (float32), their log-probabilities at T = 1.
+    - ``teacher_topk_lprobs``: HalfTensor B x T x k (float16, as stored), their log-probabilities at
+      T = 1. Kept in float16 because fairseq's ``--bf16`` casts every float32 tensor of a batch to
+      bf16, which would round them further; the loss computes in float32.
 
     Padding positions hold the pad index and log-probability 0. Sizes, batching, ordering and
     filtering are the wrapped dataset's (inherited from :class:`BaseWrapperDataset`).
@@ -44,7 +46,7 @@ class TeacherCacheDataset(BaseWrapperDataset):
         target = batch["target"]
         bsz, tgt_len = target.shape
         ids = target.new_full((bsz, tgt_len, self.cache.k), self.dataset.tgt_dict.pad())
-        lprobs = torch.zeros(bsz, tgt_len, self.cache.k, dtype=torch.float32)
+        lprobs = torch.zeros(bsz, tgt_len, self.cache.k, dtype=torch.float16)
         for row, sample_id in enumerate(batch["id"].tolist()):  # the wrapped collater's order
             sample = by_id[sample_id]
             n = len(sample["teacher_topk_ids"])

@@ -3,6 +3,9 @@
 import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset, LanguagePairDataset, data_utils
+from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+_TOKENS_PER_BLOCK = 1 << 24  # tokens compared at once by the fast path of check_aligned
 
 
 def check_aligned(gold: LanguagePairDataset, teacher: LanguagePairDataset, where: str) -> None:
@@ -19,12 +22,29 @@ def check_aligned(gold: LanguagePairDataset, teacher: LanguagePairDataset, where
         raise ValueError(f"teacher targets are misaligned: {len(teacher)} teacher pairs for {len(gold)} gold pairs; {fix}")
     differing = np.flatnonzero(gold.src_sizes != teacher.src_sizes)
     if len(differing) == 0:
-        differing = [i for i in range(len(gold)) if not torch.equal(gold.src[i], teacher.src[i])]
+        differing = _differing_sentences(gold.src, teacher.src)
     if len(differing) > 0:
         raise ValueError(
             f"teacher targets are misaligned: the source of sentence id {differing[0]} differs between the gold "
             f"data and {where} ({len(differing)} sentences differ); {fix}"
         )
+
+
+def _differing_sentences(a, b) -> np.ndarray:
+    """Ids of the sentences that differ between two token datasets of equal sentence lengths.
+
+    Binarized (mmap) data of one token type is compared in blocks of its token buffers, which takes
+    seconds for millions of sentences; other datasets sentence by sentence."""
+    if not (isinstance(a, MMapIndexedDataset) and isinstance(b, MMapIndexedDataset) and a._index.dtype == b._index.dtype):
+        return np.array([i for i in range(len(a)) if not torch.equal(a[i], b[i])], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(a.sizes)])  # sentence i's tokens: starts[i] to starts[i + 1]
+    tokens_a, tokens_b = (np.frombuffer(d._bin_buffer, dtype=d._index.dtype, count=int(starts[-1])) for d in (a, b))
+    differing = []
+    for begin in range(0, int(starts[-1]), _TOKENS_PER_BLOCK):
+        end = begin + _TOKENS_PER_BLOCK
+        offsets = begin + np.flatnonzero(tokens_a[begin:end] != tokens_b[begin:end])
+        differing.append(np.unique(np.searchsorted(starts, offsets, side="right") - 1))
+    return np.unique(np.concatenate(differing)) if differing else np.array([], dtype=np.int64)
 
 
 class TeacherTargetDataset(BaseWrapperDataset):

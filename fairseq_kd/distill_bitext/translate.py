@@ -80,10 +80,6 @@ class TeacherTranslator:
             task.max_positions(), *[m.max_positions() for m in models]
         )[0]
 
-    @property
-    def has_references(self) -> bool:
-        return self.dataset.tgt is not None
-
     def source_text(self, i: int) -> str:
         """Sentence ``i``'s source as the binarized data holds it (units of the source dictionary)."""
         return self.task.source_dictionary.string(self.dataset.src[i])

@@ -52,7 +52,8 @@ class TranslationDistillConfig(TranslationConfig):
         metadata={
             "help": "directory of offline top-k teacher caches, one per split in <dir>/<split> "
             "(fairseq-kd-cache-teacher --destdir <dir>/train ...), used in place of an online teacher: "
-            "no teacher in memory; a split without a cache falls back to --teacher-path"
+            "no teacher in memory; the train split must have a cache, a validation split without "
+            "one runs the --teacher-path teacher online"
         },
     )
     student_init: ChoiceEnum(("none",) + STUDENT_INIT_STRATEGIES) = field(
@@ -102,7 +103,7 @@ class TranslationDistillConfig(TranslationConfig):
     )
     mix_epoch_size: int = field(
         default=0,
-        metadata={"help": "ratio mode: pairs drawn per epoch; 0 = the total number of pairs of all sources"},
+        metadata={"help": "ratio mode: pairs drawn per epoch (>= 0); 0 = the total number of pairs of all sources"},
     )
     gold_fraction: float = field(
         default=1.0,
@@ -137,6 +138,7 @@ class TranslationDistillTask(TranslationTask):
 
     def __init__(self, cfg: TranslationDistillConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
+        self._check_mixing_options()
         self._teacher = None
         self.student_widths = None
 
@@ -152,7 +154,6 @@ class TranslationDistillTask(TranslationTask):
             if mode == "paired" and self._has_pairs(self.cfg.kd_data, split):
                 self.datasets[split] = self._paired(self.datasets[split], split)
             return
-        self._check_mixing_options()
         if mode == "paired":
             self.datasets[split] = self._paired(self.datasets[split], split)
             return
@@ -190,6 +191,18 @@ class TranslationDistillTask(TranslationTask):
 
     def _check_mixing_options(self):
         cfg = self.cfg
+        mixing = {
+            "--kd-data-mode": cfg.kd_data_mode != "paired", "--extra-data": cfg.extra_data,
+            "--mix-ratios": cfg.mix_ratios, "--gold-fraction": cfg.gold_fraction != 1.0,
+            "--mix-epoch-size": cfg.mix_epoch_size != 0,
+        }
+        if not cfg.kd_data and any(mixing.values()):
+            raise ValueError(
+                f"{', '.join(flag for flag, given in mixing.items() if given)} mix the gold pairs with the "
+                "teacher's translations: pass --kd-data DIR (fairseq-kd-distill-data output) too"
+            )
+        if cfg.mix_epoch_size < 0:
+            raise ValueError(f"--mix-epoch-size must be >= 0 (0 = all pairs), got {cfg.mix_epoch_size}")
         if not 0.0 < cfg.gold_fraction <= 1.0:
             raise ValueError(f"--gold-fraction must lie in (0, 1], got {cfg.gold_fraction}")
         if cfg.kd_data_mode == "paired" and (cfg.extra_data or cfg.gold_fraction < 1.0 or cfg.mix_ratios):
@@ -265,6 +278,14 @@ class TranslationDistillTask(TranslationTask):
             self.cfg.teacher_path, self, precision=self.cfg.teacher_precision, dict_dir=self.cfg.teacher_dict_dir
         )
         return self._teacher
+
+    def max_positions(self):
+        """The student's limits, narrowed to the teacher's: a batch the teacher cannot read is
+        skipped like one too long for the student, not an index error in the teacher."""
+        limits = super().max_positions()
+        if self._teacher is not None:
+            limits = utils.resolve_max_positions(limits, *(model.max_positions() for model in self._teacher.models))
+        return limits
 
     def has_teacher(self) -> bool:
         """Whether a teacher is loaded, named by --teacher-path or cached in --teacher-cache."""

@@ -44,7 +44,7 @@ def setup(data_dir):  # noqa: F811
     task._teacher = Teacher([teacher], precision="fp32")
     src = sentences(task, (5, 3, 7, 2), seed=0)
     gold = pairs(task, src, sentences(task, (4, 6, 2, 5), seed=1))
-    kd = pairs(task, src, sentences(task, (3, 6, 8, 1), seed=2))
+    kd = pairs(task, src, sentences(task, (3, 6, 8, 11), seed=2))  # longer than the gold targets in all
     check_aligned(gold, kd, "test")
     dataset = TeacherTargetDataset(gold, kd)
     sample = dataset.collater([dataset[i] for i in range(len(dataset))])
@@ -94,7 +94,8 @@ def test_seq_kd_interp_matches_independent_computation(setup, alpha):
     loss, size, log = crit(student, sample)
     gold_ls, gold_nll, _ = sums(student, teacher, sample["net_input"], sample["target"], 1.0, pad)
     kd_ls, kd_nll, _ = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], 1.0, pad)
-    assert float(loss) == pytest.approx((1 - alpha) * gold_ls + alpha * kd_ls, rel=1e-5)
+    r = gold_over_teacher_tokens(sample, pad)
+    assert float(loss) == pytest.approx((1 - alpha) * gold_ls + alpha * r * kd_ls, rel=1e-5)
     assert size == sample["ntokens"]
     if alpha < 1:
         assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
@@ -102,6 +103,13 @@ def test_seq_kd_interp_matches_independent_computation(setup, alpha):
         assert float(log["seq_kd_nll_loss"]) == pytest.approx(kd_nll, rel=1e-5)
         assert log["kd_ntokens"] == sample["kd_ntokens"]
     assert abs(gold_ls - kd_ls) > 0.5  # the two targets really give different losses
+
+
+def gold_over_teacher_tokens(sample, pad):
+    """r = |y_gold| / |y_teacher|, the non-pad tokens of the batch's two targets."""
+    r = int(sample["target"].ne(pad).sum()) / int(sample["kd_target"].ne(pad).sum())
+    assert abs(r - 1) > 0.05  # the fixture's targets differ in length: r matters
+    return r
 
 
 def test_seq_kd_interp_alpha_zero_equals_label_smoothed_cross_entropy(setup):
@@ -126,7 +134,9 @@ def test_hybrid_kd_matches_independent_computation(setup, prefix):
     gold_ls, gold_nll, gold_kl = sums(student, teacher, sample["net_input"], sample["target"], temperature, pad)
     kd_ls, kd_nll, kd_kl = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], temperature, pad)
     kl = {"teacher": kd_kl, "gold": gold_kl, "both": kd_kl + gold_kl}[prefix]
-    expected = weights[0] * gold_ls + weights[1] * kd_ls + weights[2] * temperature**2 * kl
+    r = gold_over_teacher_tokens(sample, pad)
+    weighted_kl = {"teacher": r * kd_kl, "gold": gold_kl, "both": r * kd_kl + gold_kl}[prefix]
+    expected = weights[0] * gold_ls + weights[1] * r * kd_ls + weights[2] * temperature**2 * weighted_kl
     assert float(loss) == pytest.approx(expected, rel=1e-5)
     assert float(log["kd_loss"]) == pytest.approx(kl, rel=1e-5)
     assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
@@ -187,7 +197,7 @@ def test_pure_sequence_level_kd_validates_on_the_gold_nll(setup):
     _, gold_nll, _ = sums(student, teacher, sample["net_input"], sample["target"], 1.0, pad)
     kd_ls, _, _ = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], 1.0, pad)
     assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
-    assert float(loss) == pytest.approx(kd_ls, rel=1e-5)
+    assert float(loss) == pytest.approx(gold_over_teacher_tokens(sample, pad) * kd_ls, rel=1e-5)
 
 
 @pytest.mark.parametrize("criterion, flags", [
@@ -255,3 +265,26 @@ def test_check_aligned_compares_binarized_sources_in_blocks(tmp_path, monkeypatc
     assert teacher_target_dataset._differing_sentences(a, write_mmap(tmp_path / "c", gold)).tolist() == []
     in_memory = teacher_target_dataset._differing_sentences(gold, other)
     assert in_memory.tolist() == [1, 3]
+
+
+def test_batches_count_the_longer_of_the_two_targets(data_dir):  # noqa: F811
+    """A teacher translation far longer than its reference (a degenerate repetition) must not make a
+    batch's second pass longer than --max-tokens allows: batching and ordering use both targets."""
+    cfg = parse(data_dir)
+    task = tasks.setup_task(cfg.task)
+    n = 40
+    lengths = [3 + i % 5 for i in range(n)]
+    src = sentences(task, lengths, seed=0)
+    gold = pairs(task, src, sentences(task, lengths, seed=1))
+    kd_lengths = [60 if i % 10 == 0 else length for i, length in enumerate(lengths)]
+    dataset = TeacherTargetDataset(gold, pairs(task, src, sentences(task, kd_lengths, seed=2)))
+    max_tokens = 200
+    batches = dataset.batch_by_size(dataset.ordered_indices(), max_tokens=max_tokens)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    for batch in batches:
+        longest = max(max(lengths[i], kd_lengths[i]) + 1 for i in batch)  # + eos
+        assert len(batch) * longest <= max_tokens, (batch, longest)
+        sample = dataset.collater([dataset[i] for i in batch])
+        assert sample["kd_target"].numel() <= max_tokens
+    long_ones = [i for i in range(n) if kd_lengths[i] == 60]
+    assert any(set(long_ones) <= set(b) or len(set(long_ones) & set(b)) > 1 for b in batches)  # kept together

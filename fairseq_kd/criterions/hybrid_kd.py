@@ -42,9 +42,15 @@ class HybridKDCriterion(KDCriterionBase):
     """Hybrid knowledge distillation: Kim & Rush 2016's sequence-level and word-level KD together
     with the gold NLL, the combination NVIDIA's NMT-distillation guide recommends (NeMo PR #2088)::
 
-        L = a_seq_nll * NLL_eps(y_gold) + a_seq_kd * NLL_eps(y_teacher) + a_word_kd * T^2 * KD
+        L = a_seq_nll * NLL_eps(y_gold) + a_seq_kd * r * NLL_eps(y_teacher) + a_word_kd * T^2 * KD
         KD = sum_t KL(q_T(.|prefix_<t, x) || p_T(.|prefix_<t, x))     (--kd-loss ce: H(q_T, p_T))
+        r = |y_gold| / |y_teacher|
 
+    each term summed over the batch's target tokens, KD over the positions of its prefix (times r
+    on the teacher's). The trainer divides L by the batch's gold tokens |y_gold|, so every term is
+    a mean over its own target's tokens and the weights mix per-token losses, however long the
+    teacher's translations are: one that repeats itself up to the length limit does not outweigh
+    the rest of its batch. With ``--sentence-avg`` L is divided by the sentences and r = 1.
     NLL_eps is the label-smoothed NLL; NLL(y_teacher) is sequence-level KD on the teacher's beam
     output (from ``--kd-data`` in paired mode, ``sample["kd_target"]``); KD is Hinton et al. 2015's
     word-level term with the online teacher, on the teacher-target prefix, the gold prefix, or the
@@ -113,21 +119,23 @@ class HybridKDCriterion(KDCriterionBase):
             passes.append(("teacher", sample["kd_net_input"], sample["kd_target"], self.seq_kd_weight, "seq_kd_nll_loss"))
             log["kd_ntokens"] = sample["kd_ntokens"]
 
-        kd_total, kd_positions = 0.0, 0
+        kd_weighted, kd_total, kd_positions = 0.0, 0.0, 0
         for prefix, net_input, target, nll_weight, nll_key in passes:
             net_output = model(**net_input)
             with_kd = self.word_kd_weight > 0 and prefix in self.word_kd_prefixes
             cache = cached_topk(sample) if prefix == "gold" else None
             terms, pad_mask = self.student_terms(net_output, net_input, target, with_kd, cache)
-            loss = loss + nll_weight * terms.smoothed
+            r = 1.0 if prefix == "gold" or self.sentence_avg else sample["ntokens"] / sample["kd_ntokens"]
+            loss = loss + nll_weight * r * terms.smoothed
             log[nll_key] = terms.nll.data
             if with_kd:
+                kd_weighted = kd_weighted + r * terms.kd
                 kd_total = kd_total + terms.kd
                 kd_positions += int((~pad_mask).sum())
                 if terms.teacher_nll is not None and prefix == "gold":
                     log["teacher_nll_loss"] = terms.teacher_nll.data
         if kd_positions:
-            loss = loss + self.word_kd_weight * self.temperature**2 * kd_total
+            loss = loss + self.word_kd_weight * self.temperature**2 * kd_weighted
             log["kd_loss"] = kd_total.data
             log["kd_positions"] = kd_positions
 

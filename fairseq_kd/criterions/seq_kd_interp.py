@@ -27,7 +27,10 @@ class SeqKDInterpConfig(FairseqDataclass):
 class SeqKDInterpCriterion(HybridKDCriterion):
     """Sequence-level KD (Kim & Rush 2016) mixed with the gold NLL::
 
-        L = (1 - alpha) * NLL_eps(y_gold) + alpha * NLL_eps(y_teacher)
+        L = (1 - alpha) * NLL_eps(y_gold) + alpha * r * NLL_eps(y_teacher),   r = |y_gold| / |y_teacher|
+
+    each NLL summed over the batch's target tokens; with the trainer's division by the gold tokens
+    |y_gold|, alpha mixes the two per-token means (see :class:`HybridKDCriterion`).
 
     y_teacher is the teacher's beam translation of the same source (``--kd-data`` in paired mode,
     built by ``fairseq-kd-distill-data``). No online teacher is needed. It is :class:`HybridKDCriterion`

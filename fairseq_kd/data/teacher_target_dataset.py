@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from fairseq.data import BaseWrapperDataset, LanguagePairDataset, data_utils
+from fairseq.data import BaseWrapperDataset, FairseqDataset, LanguagePairDataset, data_utils
 from fairseq.data.indexed_dataset import MMapIndexedDataset
 
 _TOKENS_PER_BLOCK = 1 << 24  # tokens compared at once by the fast path of check_aligned
@@ -103,3 +103,16 @@ class TeacherTargetDataset(BaseWrapperDataset):
 
     def filter_indices_by_size(self, indices, max_sizes):
         return data_utils.filter_paired_dataset_indices_by_size(self._sizes[:, 0], self._sizes[:, 1], indices, max_sizes)
+
+    def ordered_indices(self):
+        """Shuffled (if the gold pairs are), then sorted by the longer target and by the source, as
+        :class:`LanguagePairDataset` sorts by its own: a long teacher target is batched with others."""
+        indices = np.random.permutation(len(self)) if self.dataset.shuffle else np.arange(len(self))
+        indices = indices[np.argsort(self._sizes[indices, 1], kind="mergesort")]
+        return indices[np.argsort(self._sizes[indices, 0], kind="mergesort")]
+
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        """Batches of at most ``max_tokens`` counting the longer of the two targets (the wrapper
+        base class would hand this to the gold pairs, which know only the gold lengths: a teacher
+        target many times longer than its reference would then multiply the second pass's size)."""
+        return FairseqDataset.batch_by_size(self, indices, max_tokens, max_sentences, required_batch_size_multiple)

@@ -81,7 +81,7 @@ def parse_ratios(ratios: str, n_sources: int) -> List[float]:
 
 def mix_by_ratio(sources: Sequence[LanguagePairDataset], ratios: Sequence[float], epoch_size: int, seed: int, epoch: int):
     """Each epoch, ``ratio_i * epoch_size`` pairs drawn from source i (with replacement only where a
-    source has fewer pairs than that: exactly as many is a permutation of all of them),
+    source has fewer pairs than that; a source of exactly that many gives every pair once),
     deterministic given ``seed`` and the epoch."""
     parts = []
     for i, (source, ratio) in enumerate(zip(sources, ratios)):

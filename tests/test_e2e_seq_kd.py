@@ -60,16 +60,9 @@ def test_data_level_mixing(tiny_data, kd_bin, tmp_path, flags, epoch_pairs):
 
 
 def test_ratio_mix_is_deterministic_per_seed(tiny_data, kd_bin, tmp_path):
-    from fairseq import tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq import options
-
     def epoch_ids(seed, epoch):
-        argv = [str(tiny_data / "bin"), "--user-dir", USER_DIR, "--task", "translation_distill", "--kd-data", str(kd_bin),
-                "--kd-data-mode", "ratio", "--mix-ratios", "1:2", "--mix-epoch-size", "300", "--seed", str(seed),
-                "--arch", "transformer", "--criterion", "label_smoothed_cross_entropy"]
-        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
-        task = tasks.setup_task(cfg.task)
+        task = setup_distill_task(tiny_data, "--kd-data", kd_bin, "--kd-data-mode", "ratio", "--mix-ratios", "1:2",
+                                  "--mix-epoch-size", "300", "--seed", seed)
         task.load_dataset("train", epoch=epoch)
         dataset = task.dataset("train")
         dataset.set_epoch(epoch)

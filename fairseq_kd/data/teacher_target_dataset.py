@@ -39,12 +39,12 @@ def _differing_sentences(a, b) -> np.ndarray:
         return np.array([i for i in range(len(a)) if not torch.equal(a[i], b[i])], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(a.sizes)])  # sentence i's tokens: starts[i] to starts[i + 1]
     tokens_a, tokens_b = (np.frombuffer(d._bin_buffer, dtype=d._index.dtype, count=int(starts[-1])) for d in (a, b))
-    differing = []
-    for begin in range(0, int(starts[-1]), _TOKENS_PER_BLOCK):
-        end = begin + _TOKENS_PER_BLOCK
-        offsets = begin + np.flatnonzero(tokens_a[begin:end] != tokens_b[begin:end])
-        differing.append(np.unique(np.searchsorted(starts, offsets, side="right") - 1))
-    return np.unique(np.concatenate(differing)) if differing else np.array([], dtype=np.int64)
+    offsets = [
+        begin + np.flatnonzero(tokens_a[begin:begin + _TOKENS_PER_BLOCK] != tokens_b[begin:begin + _TOKENS_PER_BLOCK])
+        for begin in range(0, int(starts[-1]), _TOKENS_PER_BLOCK)
+    ]
+    offsets = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)
+    return np.unique(np.searchsorted(starts, offsets, side="right") - 1)
 
 
 class TeacherTargetDataset(BaseWrapperDataset):

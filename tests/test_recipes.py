@@ -28,9 +28,9 @@ RECIPES = {
                     + [f"slim3x3_word_T{t}" for t in ("0.5", "1", "2", "5", "10")]
                     + ["wide1x1_gold", "wide1x1_hybrid", "wide3x3_gold", "wide3x3_hybrid"]),
     "multi30k-en-de": ("de", ["baseline", "word_kd", "seq_kd", "seq_kd_interp", "base_kd", "hybrid_kd",
-                              "triple_loss", "low_data", "seq_kd_then_gold"]),
+                              "triple_loss", "layer_init", "low_data", "seq_kd_then_gold"]),
     "multi30k-en-fr": ("fr", ["baseline", "word_kd", "seq_kd", "seq_kd_interp", "base_kd", "hybrid_kd",
-                              "triple_loss", "low_data", "seq_kd_then_gold"]),
+                              "triple_loss", "layer_init", "low_data", "seq_kd_then_gold"]),
     "paracrawl-en-fr": ("fr", ["baseline", "seq_kd", "seq_kd_then_gold", "gold_then_seq_kd"]),
     "ted-de-en": ("en", ["base", "kd", "base_kd", "best2"]),
 }

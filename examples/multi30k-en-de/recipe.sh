@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi30k English->German: a teacher and nine students of one size, one per distillation method
+# Multi30k English->German: a teacher and ten students of one size, one per distillation method
 # (the list is in examples/tools/multi30k_study.sh), scored with sacreBLEU on test_2016_flickr and
 # test_2017_flickr, with parameters and decoding speed, on the data shipped in data/multi30k.
 #

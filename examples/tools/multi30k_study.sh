@@ -13,6 +13,8 @@
 #   base_kd           gold pairs plus teacher pairs as one training set (Gordon & Duh 2019)
 #   hybrid_kd         gold NLL + teacher-target NLL + word-level KD (NVIDIA's NeMo NMT-distillation guide)
 #   triple_loss       KD + NLL + cosine of hidden states, from the teacher's layers (DistilBERT)
+#   layer_init        gold pairs only, from the teacher's layers: the control that separates what
+#                     triple_loss gains from its start (the teacher's trained layers) from its loss
 #   low_data          5% of the gold pairs and the teacher's translations of all sources, drawn 1:2
 #   seq_kd_then_gold  seq_kd, then fine-tuned on the gold pairs (QuillBot's order)
 
@@ -60,6 +62,8 @@ multi30k_study() {
         --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
     student triple_loss "triple_loss, init from teacher layers" "$BIN" "${online[@]}" \
         --criterion triple_loss --finetune-from-model "$WORK/spread.pt"
+    student layer_init "gold only, init from teacher layers" "$BIN" --task translation "${LABEL_SMOOTHED[@]}" \
+        --finetune-from-model "$WORK/spread.pt"
     student low_data "5% gold + teacher pairs, 1:2" "$BIN" "${paired[@]}" \
         --kd-data-mode ratio --mix-ratios 1:2 --gold-fraction 0.05 "${LABEL_SMOOTHED[@]}"
     finetune seq_kd_then_gold "seq-KD, then gold (QuillBot order)" seq_kd "$BIN" \

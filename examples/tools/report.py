@@ -172,6 +172,18 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
     return "\n".join(lines) + "\n"
 
 
+def label_heights(values, gap):
+    """Heights for the labels of points that share an x position: each label at its point's value,
+    pushed up just enough to stay ``gap`` above the label below it. ``values`` in any order; the
+    heights are returned in the same order."""
+    heights = [0.0] * len(values)
+    below = None
+    for i in sorted(range(len(values)), key=lambda i: values[i]):
+        heights[i] = values[i] if below is None else max(values[i], below + gap)
+        below = heights[i]
+    return heights
+
+
 def plot(args, groups, tests, path):
     import matplotlib
 
@@ -180,6 +192,12 @@ def plot(args, groups, tests, path):
 
     test = tests[0]
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    means = {name: group["bleu"][test]["mean"] for name, group in groups.items()}
+    gap = 0.04 * max(max(means.values()) - min(means.values()), 1.0)  # about one label's height
+    label_y = {}
+    for size in {group["parameters"] for group in groups.values()}:  # students of one size share x
+        names = [name for name, group in groups.items() if group["parameters"] == size]
+        label_y.update(zip(names, label_heights([means[name] for name in names], gap)))
     for name, group in groups.items():
         bleu = group["bleu"][test]
         teacher = group["role"] == "teacher"
@@ -187,7 +205,8 @@ def plot(args, groups, tests, path):
             group["parameters"], bleu["mean"], yerr=bleu["std"] or 0, fmt="*" if teacher else "o",
             markersize=12 if teacher else 6, color="black" if teacher else None, capsize=3,
         )
-        axes.annotate(name, (group["parameters"], bleu["mean"]), textcoords="offset points", xytext=(5, 3), fontsize=7)
+        axes.annotate(name, (group["parameters"], bleu["mean"]), xytext=(8, label_y[name]),
+                      textcoords=("offset points", "data"), va="center", fontsize=7)
     axes.set_xscale("log")
     axes.set_xlabel("parameters")
     axes.set_ylabel(f"BLEU, {test}")

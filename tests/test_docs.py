@@ -55,3 +55,19 @@ def test_every_tool_option_is_on_its_page(module, name):
              if s.startswith("--") and s != "--help"]
     assert len(flags) > 5
     assert undocumented(flags, page(name)) == []
+
+
+def table_lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_readme_results_table_is_the_recipes_own():
+    """README's results table is a copy of the one the Multi30k en-de recipe wrote (SCALE=full): a
+    rerun that changes docs/results/multi30k-en-de.md must be copied over, never edited by hand."""
+    results = table_lines(page(os.path.join("results", "multi30k-en-de.md")))
+    assert len(results) >= 4
+    with open(os.path.join(DOCS, "..", "README.md"), encoding="utf-8") as f:
+        readme = table_lines(f.read())
+    assert results[0] in readme, "README has no copy of the results table"
+    start = readme.index(results[0])
+    assert readme[start:start + len(results)] == results

@@ -4,7 +4,7 @@
 # test_2017_flickr, with parameters and decoding speed, on the data shipped in data/multi30k.
 #
 #   bash examples/multi30k-en-fr/recipe.sh                 SCALE=tiny: a few minutes, checks the commands
-#   SCALE=full bash examples/multi30k-en-fr/recipe.sh      the benchmark: 7-10 hours on 2 CPU cores with JOBS=2
+#   SCALE=full bash examples/multi30k-en-fr/recipe.sh      the benchmark: about 7 hours on 2 CPU cores with JOBS=2
 #   SCALE=full SEEDS="1 2 3" bash examples/multi30k-en-fr/recipe.sh
 #
 # Rerun the same command to resume after an interruption: finished steps are skipped. Settings

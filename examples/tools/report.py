@@ -194,9 +194,11 @@ def plot(args, groups, tests, path):
     figure, axes = plt.subplots(figsize=(7, 4.5))
     means = {name: group["bleu"][test]["mean"] for name, group in groups.items()}
     gap = 0.04 * max(max(means.values()) - min(means.values()), 1.0)  # about one label's height
+    same_x = {}  # parameters -> the models of that size, whose points share an x position
+    for name, group in groups.items():
+        same_x.setdefault(group["parameters"], []).append(name)
     label_y = {}
-    for size in {group["parameters"] for group in groups.values()}:  # students of one size share x
-        names = [name for name, group in groups.items() if group["parameters"] == size]
+    for names in same_x.values():
         label_y.update(zip(names, label_heights([means[name] for name in names], gap)))
     for name, group in groups.items():
         bleu = group["bleu"][test]

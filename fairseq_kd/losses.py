@@ -18,8 +18,25 @@ import torch
 import torch.nn.functional as F
 
 
+def check_finite(values: dict) -> None:
+    """Refuse a NaN or infinite value of any flag in ``values`` ({"--flag": value}), naming the
+    flag: such a value would end in NaN gradients, or silently disable its term (NaN > 0 is False)."""
+    for flag, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number, got {value}")
+
+
+def check_weights(criterion: str, weights: dict) -> None:
+    """Refuse loss weights ({"--flag": value}) that are not finite, negative, or all 0."""
+    check_finite(weights)
+    negative = [f"{flag} {value}" for flag, value in weights.items() if value < 0]
+    if negative or not any(weights.values()):
+        raise ValueError(f"{criterion} weights must be >= 0 and not all 0, got {negative or weights}")
+
+
 def check_alpha(name: str, value: float) -> None:
     """Refuse an interpolation weight outside [0, 1], naming the flag to change."""
+    check_finite({f"--{name.replace('_', '-')}": value})
     if not 0.0 <= value <= 1.0:
         raise ValueError(
             f"--{name.replace('_', '-')} must lie in [0, 1] (it weights the distillation term "
@@ -28,7 +45,8 @@ def check_alpha(name: str, value: float) -> None:
 
 
 def check_temperature(value: float) -> None:
-    """Refuse a non-positive temperature, which would make the softmax undefined or inverted."""
+    """Refuse a non-positive or non-finite temperature, which would make the softmax undefined or inverted."""
+    check_finite({"--temperature": value})
     if not value > 0.0:
         raise ValueError(
             f"--temperature must be > 0 (T=1 is the plain softmax; Hinton et al. 2015 soften "

@@ -11,7 +11,11 @@ never switches ``weights_only`` off, so a pickle that would call any other funct
 
 import argparse
 import collections
+import os
+import pickle
+import re
 import typing
+import zipfile
 
 import torch
 
@@ -62,3 +66,84 @@ def allow_fairseq_checkpoints() -> None:
     if add_safe_globals is None:  # torch < 2.4 has no allow-list and no weights_only default
         return
     add_safe_globals(fairseq_checkpoint_globals())
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file the plugin will not read; the message names the file, the problem and the fix."""
+
+
+#: Bounds on a checkpoint's config (``cfg`` and the legacy ``args``), counted as the tree fairseq's
+#: loader builds from it. fairseq turns the config into an omegaconf object, node by node and
+#: following every shared reference: a 2 KB pickle of lists that share their children expands into
+#: 2^n nodes and loads forever, a 1 MB flat list of 100,000 lists takes 14 s. A real fairseq config
+#: has about a thousand nodes and a depth under 10.
+CONFIG_MAX_NODES = 50_000
+CONFIG_MAX_DEPTH = 100
+
+
+def check_config_size(state: dict, describe: str) -> None:
+    """Refuse a checkpoint whose ``cfg``/``args`` exceed :data:`CONFIG_MAX_NODES` nodes (shared
+    references counted each time they are reached) or :data:`CONFIG_MAX_DEPTH` levels. Stops at the
+    bound, so it takes at most a few milliseconds whatever the file holds."""
+    for key in ("cfg", "args"):
+        stack, nodes = [(state.get(key), 1)], 0
+        while stack:
+            node, depth = stack.pop()
+            nodes += 1
+            if nodes > CONFIG_MAX_NODES or depth > CONFIG_MAX_DEPTH:
+                raise CheckpointError(
+                    f"{describe}: its {key!r} entry (the training config) holds more than "
+                    f"{CONFIG_MAX_NODES:,} values or is nested deeper than {CONFIG_MAX_DEPTH} levels; a "
+                    "fairseq config holds about a thousand, and expanding this one would take hours. "
+                    "It was not written by fairseq-train: use the checkpoint the teacher's training wrote"
+                )
+            if isinstance(node, argparse.Namespace):
+                node = vars(node)
+            if isinstance(node, dict):
+                stack.extend((child, depth + 1) for child in node.values())
+            elif isinstance(node, (list, tuple)):
+                stack.extend((child, depth + 1) for child in node)
+
+
+def _refused_global(message: str) -> str:
+    match = re.search(r"GLOBAL (\S+)", message)
+    return f"it names {match.group(1)}, " if match else ""
+
+
+def check_checkpoint(path: str, what: str = "checkpoint") -> None:
+    """Check that ``path`` is a complete fairseq checkpoint that torch's ``weights_only`` loader
+    accepts and whose config is of bounded size (:func:`check_config_size`); every problem is a
+    :class:`CheckpointError` naming ``what`` and ``path``. The file is read memory-mapped (its
+    tensors are not read), so this costs the unpickling of the metadata only."""
+    describe = f"{what} {path!r}"
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{describe} is empty (0 bytes): the copy or the save that wrote it failed; "
+                              "copy it again or use an earlier checkpoint")
+    try:
+        # torch.load's mmap needs the zip format of torch >= 1.6; older files are read whole
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{describe} was refused by torch's safe loader (weights_only): {_refused_global(str(err))}"
+            "which is not a class fairseq checkpoints hold, and nothing in the file was run. Use a "
+            "checkpoint written by fairseq-train, or re-save this one where it was made with only "
+            "tensors, containers and its config"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
+        raise CheckpointError(
+            f"{describe} ({os.path.getsize(path):,} bytes) is not a complete checkpoint, truncated or not "
+            f"written by torch.save ({type(err).__name__}: {str(err).splitlines()[0][:200]}); copy it "
+            "again or use an earlier checkpoint"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        keys = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{describe} is not a fairseq checkpoint: it has no 'model' entry (it holds {keys})")
+    check_config_size(state, describe)
+
+
+def load_checkpoint(path: str, what: str = "checkpoint") -> dict:
+    """fairseq's ``load_checkpoint_to_cpu(path)``, after :func:`check_checkpoint`."""
+    from fairseq import checkpoint_utils
+
+    check_checkpoint(path, what)
+    return checkpoint_utils.load_checkpoint_to_cpu(path)

@@ -12,9 +12,11 @@ import os
 from typing import List, Optional, Sequence
 
 import torch
-from fairseq import checkpoint_utils, models
+from fairseq import models
 from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerDecoderBase
+
+from fairseq_kd.safe_load import load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -23,18 +25,36 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def split_teacher_paths(teacher_path: str) -> List[str]:
-    """``a.pt:b.pt`` -> ``["a.pt", "b.pt"]``; every file must exist."""
+    """``a.pt:b.pt`` -> ``["a.pt", "b.pt"]``; every file must exist. ':' always separates ensemble
+    members, so a file whose own name holds ':' cannot be given: it is refused with a message that
+    says so."""
+    check_no_colon_in_file_name(teacher_path)
     paths = [p for p in teacher_path.split(":") if p]
     if not paths:
         raise ValueError("--teacher-path is empty: give one teacher checkpoint, or several joined by ':'")
-    for path in paths:
+    for i, path in enumerate(paths):
         if not os.path.isfile(path):
+            member = (
+                f" (member {i + 1} of {len(paths)}: ':' separates the checkpoints of an ensemble)" if len(paths) > 1 else ""
+            )
             raise FileNotFoundError(
-                f"teacher checkpoint not found: {path!r} (from --teacher-path {teacher_path!r}); "
+                f"teacher checkpoint not found: {path!r} (from --teacher-path {teacher_path!r}){member}; "
                 "train a teacher first (e.g. fairseq-train ... --save-dir teacher) and pass its "
                 "checkpoint_best.pt"
             )
     return paths
+
+
+def check_no_colon_in_file_name(teacher_path: str) -> None:
+    """Refuse ``--teacher-path`` naming one existing file whose name holds ':', which would be read
+    as an ensemble of the pieces around each ':'."""
+    if ":" in teacher_path and os.path.isfile(teacher_path):
+        raise FileNotFoundError(
+            f"--teacher-path {teacher_path!r}: ':' separates the checkpoints of an ensemble, so this is read "
+            f"as {len([p for p in teacher_path.split(':') if p])} files, which were not found as given; the "
+            "file itself exists but its path holds ':'. Rename it, or link it from a path without ':' "
+            "(ln -s), and pass that path"
+        )
 
 
 def cpu_supports_bf16() -> bool:
@@ -82,11 +102,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def check_same_dictionary(teacher: Dictionary, student: Dictionary, side: str, where: str) -> None:
+def check_same_dictionary(teacher: Dictionary, student: Dictionary, side: str, where: str, hint: str = "") -> None:
     """Raise if the teacher's and the student's dictionaries differ, showing the first differences.
 
     Distillation compares distributions index by index, so the two vocabularies must be the same
-    symbols in the same order, not merely the same size.
+    symbols in the same order, not merely the same size. ``hint`` ends the message (e.g. how to name
+    the teacher's own dictionaries).
     """
     if teacher.symbols == student.symbols:
         return
@@ -101,21 +122,62 @@ def check_same_dictionary(teacher: Dictionary, student: Dictionary, side: str, w
         f"the teacher's {side} dictionary ({where}) differs from the student's:\n"
         + "\n".join(diffs)
         + "\nBinarize the student's data with the teacher's dictionaries: fairseq-preprocess "
-        "--srcdict <teacher dict.SRC.txt> --tgtdict <teacher dict.TGT.txt> ..."
+        "--srcdict <teacher dict.SRC.txt> --tgtdict <teacher dict.TGT.txt> ..." + hint
     )
+
+
+DICT_DIR_HELP = (
+    "pass --teacher-dict-dir DIR with the directory holding the dict.SRC.txt/dict.TGT.txt (or one "
+    "dict.txt) the teacher was trained with; for an ensemble, one directory per member, ':'-separated "
+    "in --teacher-path's order (repeat a directory for members that share it: D:D)"
+)
+
+
+def teacher_dictionary_dirs(paths: Sequence[str], dict_dir: Optional[str]) -> List[Optional[str]]:
+    """The ``--teacher-dict-dir`` entry of each teacher in ``paths`` (None: look for it, see
+    :func:`find_teacher_dictionary_dir`). ``dict_dir`` holds one directory per ensemble member,
+    ':'-separated; one directory is never applied to several members unless repeated, since each
+    member must be checked against its own dictionaries."""
+    if not dict_dir:
+        return [None] * len(paths)
+    dirs = [d for d in dict_dir.split(":") if d]
+    if len(dirs) != len(paths):
+        raise ValueError(
+            f"--teacher-dict-dir {dict_dir!r} names {len(dirs)} director{'y' if len(dirs) == 1 else 'ies'} for "
+            f"{len(paths)} teacher checkpoints ({':'.join(paths)}): give one directory per ensemble member, "
+            "':'-separated in --teacher-path's order (repeat a directory for members that share it: D:D)"
+        )
+    return dirs
 
 
 def find_teacher_dictionary_dir(checkpoint: str, teacher_data: Optional[str], dict_dir: Optional[str]) -> str:
     """The directory holding the teacher's dictionaries: ``dict_dir`` if given, else the
-    checkpoint's own directory, else the data directory the teacher was trained on."""
-    candidates = [dict_dir] if dict_dir else [os.path.dirname(os.path.abspath(checkpoint)), teacher_data]
+    checkpoint's own directory, else the data directory the teacher was trained on
+    (``teacher_data``, its ``cfg.task.data``). A relative ``teacher_data`` is resolved against the
+    checkpoint's directory (and logged), never against the current directory: a directory of that
+    name there may be the student's, or another project's, and would pass the check unseen."""
+    checkpoint_dir = os.path.dirname(os.path.abspath(checkpoint))
+    candidates = [dict_dir] if dict_dir else [checkpoint_dir]
+    data_dir = teacher_data.split(":")[0] if teacher_data and not dict_dir else None  # fairseq reads the first
+    relative_data = data_dir if data_dir and not os.path.isabs(data_dir) else None
+    if data_dir:
+        candidates.append(os.path.join(checkpoint_dir, data_dir))  # an absolute data_dir stays as it is
     for candidate in candidates:
         if candidate and any(f.startswith("dict.") and f.endswith(".txt") for f in _listdir(candidate)):
+            if relative_data and candidate != checkpoint_dir:
+                logger.info(
+                    f"teacher {checkpoint}: its relative data directory {relative_data!r} read from the "
+                    f"checkpoint's directory: {candidate}"
+                )
             return candidate
+    relative = (
+        f"; the teacher was trained on the relative data directory {relative_data!r}, which is not looked "
+        "up in the current directory (a directory of that name there may belong to another project)"
+        if relative_data else ""
+    )
     raise FileNotFoundError(
         f"cannot find the dictionaries of teacher {checkpoint!r} (looked for dict.*.txt in "
-        f"{[c for c in candidates if c]}); pass --teacher-dict-dir with the directory holding the "
-        "dict.SRC.txt/dict.TGT.txt (or one dict.txt) the teacher was trained with"
+        f"{[c for c in candidates if c]}){relative}: {DICT_DIR_HELP}"
     )
 
 
@@ -132,13 +194,17 @@ def load_teacher_dictionary(directory: str, lang: Optional[str]) -> Dictionary:
     return Dictionary.load(path)
 
 
-def check_teacher_dictionaries(directory: str, task) -> None:
+def check_teacher_dictionaries(directory: str, task, checkpoint: Optional[str] = None) -> None:
     """Refuse a teacher whose dictionaries (in ``directory``) differ from ``task``'s, both sides."""
+    owner = f" of teacher {checkpoint}" if checkpoint else ""
+    hint = f"\nIf {directory} does not hold the dictionaries{owner}, {DICT_DIR_HELP}"
     for side, lang, student_dict in (
         ("source", task.cfg.source_lang, task.source_dictionary),
         ("target", task.cfg.target_lang, task.target_dictionary),
     ):
-        check_same_dictionary(load_teacher_dictionary(directory, lang), student_dict, side, directory)
+        check_same_dictionary(
+            load_teacher_dictionary(directory, lang), student_dict, side, f"{directory}{owner}", hint
+        )
 
 
 class Teacher:
@@ -162,15 +228,18 @@ class Teacher:
     def load(cls, teacher_path: str, task, precision: str = "auto", dict_dir: Optional[str] = None) -> "Teacher":
         """Load the checkpoint(s) in ``teacher_path`` (``:``-separated) for ``task``'s student.
 
-        Each teacher's dictionaries must equal the task's; its architecture comes from its own
-        checkpoint.
+        Each teacher's dictionaries must equal the task's (``dict_dir``: one directory per
+        member, ':'-separated, see :func:`teacher_dictionary_dirs`); its architecture comes from its
+        own checkpoint.
         """
         resolve_precision(precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         loaded = []
-        for path in split_teacher_paths(teacher_path):
-            state = checkpoint_utils.load_checkpoint_to_cpu(path)
+        paths = split_teacher_paths(teacher_path)
+        for path, member_dict_dir in zip(paths, teacher_dictionary_dirs(paths, dict_dir)):
+            state = load_checkpoint(path, "teacher checkpoint")
             cfg = state["cfg"]
-            check_teacher_dictionaries(find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir), task)
+            directory = find_teacher_dictionary_dir(path, cfg.task.get("data"), member_dict_dir)
+            check_teacher_dictionaries(directory, task, path)
             model = models.build_model(cfg.model, task, from_checkpoint=True)
             model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
             n_params = sum(p.numel() for p in model.parameters())

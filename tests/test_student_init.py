@@ -329,11 +329,10 @@ def test_models_without_layer_lists_are_refused(deep_teacher, tiny_data, tmp_pat
             "--decoder-embed-dim", "16", "--encoder-hidden-size", "16", "--decoder-hidden-size", "16",
             "--decoder-out-embed-dim", "16"]
     teacher = save_untrained_checkpoint(tmp_path / "lstm.pt", tiny_data / "bin", lstm, seed=3)
-    with pytest.raises(SystemExit) as exit_:
-        init_student_main([str(tiny_data / "bin"), "--teacher", str(teacher), "--output", str(tmp_path / "s.pt"),
-                           "--encoder-layers", "1"])
-    assert "(arch lstm) has no encoder.layers.<i>.* tensors" in str(exit_.value.code)
-    assert "lstm or fconv cannot be initialised this way" in str(exit_.value.code)
+    message = init_student_error(capsys, [str(tiny_data / "bin"), "--teacher", str(teacher), "--output",
+                                          str(tmp_path / "s.pt"), "--encoder-layers", "1"])
+    assert "(arch lstm) has no encoder.layers.<i>.* tensors" in message
+    assert "lstm or fconv cannot be initialised this way" in message
     assert not (tmp_path / "s.pt").exists()
     # the same for a student of such an architecture (the task's entry point)
     _, _, student = build(tiny_data / "bin", lstm)
@@ -343,7 +342,18 @@ def test_models_without_layer_lists_are_refused(deep_teacher, tiny_data, tmp_pat
         count_layers({"encoder.layers.0.fc1.weight": torch.zeros(1)}, "decoder", "the teacher")
 
 
-def test_cli_errors_are_one_line_and_write_nothing(deep_teacher, tiny_data, tmp_path):
+def init_student_error(capsys, argv):
+    """fairseq-kd-init-student's error for ``argv``: exit status 2, one line on stderr, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        init_student_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fairseq-kd-init-student: error: ")
+    return err
+
+
+def test_cli_errors_are_one_line_and_write_nothing(deep_teacher, tiny_data, tmp_path, capsys):
     out = tmp_path / "s.pt"
     common = [str(tiny_data / "bin"), "--teacher", str(deep_teacher), "--output", str(out)]
     for flags, message in [
@@ -352,10 +362,7 @@ def test_cli_errors_are_one_line_and_write_nothing(deep_teacher, tiny_data, tmp_
         (["--strategy", "explicit", "--encoder-layer-map", "0,9"], "names teacher layer 9"),
         (["--encoder-layer-map", "0,1"], "used by the explicit strategy only, not by spread"),
     ]:
-        with pytest.raises(SystemExit) as exit_:
-            init_student_main(common + flags)
-        assert str(exit_.value.code).startswith("fairseq-kd-init-student: error: ") and message in exit_.value.code
-    with pytest.raises(SystemExit) as exit_:
-        init_student_main([str(tiny_data / "bin"), "--teacher", str(deep_teacher), "--output", str(deep_teacher)])
-    assert "--output is the teacher checkpoint itself" in exit_.value.code
+        assert message in init_student_error(capsys, common + flags)
+    assert "--output is the teacher checkpoint itself" in init_student_error(
+        capsys, [str(tiny_data / "bin"), "--teacher", str(deep_teacher), "--output", str(deep_teacher)])
     assert not out.exists()

@@ -12,14 +12,15 @@ The student is the teacher's architecture with the requested depths; see
 
 import argparse
 import os
-import sys
 from typing import Optional
 
 import torch
-from fairseq import checkpoint_utils, models, tasks
+from fairseq import models, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf, open_dict
 
+from fairseq_kd.cli.errors import UserError, run_command, setup_logging
+from fairseq_kd.safe_load import load_checkpoint
 from fairseq_kd.student_init import (
     STRATEGIES,
     choose_layer_map,
@@ -33,6 +34,9 @@ from fairseq_kd.student_init import (
 from fairseq_kd.teacher import check_teacher_dictionaries, find_teacher_dictionary_dir
 
 
+PROG = "fairseq-kd-init-student"
+
+
 def layer_map_argument(text: str):
     """``parse_layer_map`` for argparse, whose own message would only name the function."""
     try:
@@ -43,7 +47,7 @@ def layer_map_argument(text: str):
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fairseq-kd-init-student",
+        prog=PROG,
         description="Write a student checkpoint with the teacher's architecture and fewer layers, its "
         "weights copied from the teacher: embeddings, positional embeddings, output projection and "
         "layer norms by name, each student layer from the teacher layer the strategy picks.",
@@ -101,13 +105,13 @@ def get_parser() -> argparse.ArgumentParser:
 def load_teacher(path: str, data: str, dict_dir: Optional[str] = None):
     """The teacher checkpoint's state, its config (with ``data`` as the task's data directory), the
     task, and the teacher model loaded from it. The data's dictionaries must be the teacher's."""
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    state = load_checkpoint(path, "teacher checkpoint")
     cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") is not None else state["cfg"]
     teacher_dicts = find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir)
     with open_dict(cfg):
         cfg.task.data = data
     task = tasks.setup_task(cfg.task)
-    check_teacher_dictionaries(teacher_dicts, task)
+    check_teacher_dictionaries(teacher_dicts, task, path)
     model = models.build_model(cfg.model, task, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     return state, cfg, task, model
@@ -171,12 +175,18 @@ def make_student(args: argparse.Namespace) -> dict:
     return record
 
 
-def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
+def make_student_or_fail(args: argparse.Namespace) -> dict:
+    """:func:`make_student`; the problems of the user's input (flags, files) as :class:`UserError`."""
     try:
-        record = make_student(args)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"fairseq-kd-init-student: error: {err}")
+        return make_student(args)
+    except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
+        raise UserError(str(err)) from None
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    args = get_parser().parse_args(argv)
+    record = run_command(PROG, lambda: make_student_or_fail(args))
     print(
         f"student: {len(record['encoder_layer_map'])} encoder and {len(record['decoder_layer_map'])} decoder "
         f"layers from the teacher's {record['teacher_encoder_layers']} and {record['teacher_decoder_layers']} "

@@ -39,6 +39,7 @@ class KDCriterionBase(FairseqCriterion):
     def __init__(self, task, sentence_avg, label_smoothing=0.0, temperature=1.0, kd_loss="kl"):
         super().__init__(task)
         losses.check_temperature(temperature)
+        losses.check_finite({"--label-smoothing": label_smoothing})
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must lie in [0, 1) (0 = none, 0.1 is usual), got {label_smoothing}")
         self.sentence_avg = sentence_avg

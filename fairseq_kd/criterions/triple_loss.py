@@ -58,9 +58,8 @@ class TripleLossCriterion(KDCriterionBase):
     def __init__(self, task, kd_weight, nll_weight, cos_weight, cos_states, width_mismatch, temperature, kd_loss,
                  label_smoothing, sentence_avg):
         super().__init__(task, sentence_avg, label_smoothing, temperature, kd_loss)
-        weights = {"kd-weight": kd_weight, "nll-weight": nll_weight, "cos-weight": cos_weight}
-        if any(w < 0 for w in weights.values()) or not any(weights.values()):
-            raise ValueError(f"triple_loss weights must be >= 0 and not all 0, got {weights}")
+        losses.check_weights("triple_loss", {"--kd-weight": kd_weight, "--nll-weight": nll_weight,
+                                             "--cos-weight": cos_weight})
         if kd_weight > 0 or cos_weight > 0:
             self.require_teacher()
         if cos_weight > 0 and getattr(task.cfg, "teacher_cache", None):

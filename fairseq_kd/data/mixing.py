@@ -74,6 +74,8 @@ def parse_ratios(ratios: str, n_sources: int) -> List[float]:
             f"--mix-ratios {ratios!r} gives {len(values)} ratios for {n_sources} data sources "
             "(gold, teacher, then each --extra-data directory, in that order)"
         )
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--mix-ratios must be finite numbers (e.g. 1:2), got {ratios!r}")
     if any(v < 0 for v in values) or sum(values) <= 0:
         raise ValueError(f"--mix-ratios must be non-negative and not all zero, got {ratios!r}")
     return [v / sum(values) for v in values]

@@ -11,14 +11,17 @@ from fairseq.data import ConcatDataset, indexed_dataset
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 from omegaconf import II
+from omegaconf.errors import OmegaConfBaseException
 
 from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.hidden_states import state_widths
+from fairseq_kd.losses import check_finite
 from fairseq_kd.registry import register_task_once
+from fairseq_kd.safe_load import check_checkpoint
 from fairseq_kd.student_init import STRATEGIES as STUDENT_INIT_STRATEGIES, init_student_from_teacher
-from fairseq_kd.teacher import PRECISIONS, Teacher, check_same_dictionary
+from fairseq_kd.teacher import PRECISIONS, Teacher, check_no_colon_in_file_name, check_same_dictionary
 from fairseq_kd.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -111,6 +114,7 @@ class TranslationDistillConfig(TranslationConfig):
                   "(low-data regime, e.g. 0.05), chosen by --seed"},
     )
     seed: int = II("common.seed")
+    finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
 
 
 @register_task_once("translation_distill", dataclass=TranslationDistillConfig)
@@ -130,6 +134,8 @@ class TranslationDistillTask(TranslationTask):
     def setup_task(cls, cfg: TranslationDistillConfig, **kwargs):
         # Stored absolute, so that fairseq-validate, which rebuilds the task from the checkpoint's
         # config, finds them from any working directory.
+        if cfg.teacher_path:
+            check_no_colon_in_file_name(cfg.teacher_path)
         for name in ("teacher_path", "teacher_dict_dir", "teacher_cache", "kd_data", "extra_data"):
             paths = getattr(cfg, name)
             if paths:
@@ -188,6 +194,8 @@ class TranslationDistillTask(TranslationTask):
                 f"fairseq-kd-cache-teacher --split {split} --destdir {cache_dir} ... (or, for a validation "
                 "split, give --teacher-path to run the teacher online there)"
             )
+        else:  # loaded now, so that a bad teacher fails before training, not at the first validation
+            self.loaded_teacher(reason=f"split {split!r} has no cache in {self.cfg.teacher_cache}")
 
     def _check_mixing_options(self):
         cfg = self.cfg
@@ -203,6 +211,7 @@ class TranslationDistillTask(TranslationTask):
             )
         if cfg.mix_epoch_size < 0:
             raise ValueError(f"--mix-epoch-size must be >= 0 (0 = all pairs), got {cfg.mix_epoch_size}")
+        check_finite({"--gold-fraction": cfg.gold_fraction})
         if not 0.0 < cfg.gold_fraction <= 1.0:
             raise ValueError(f"--gold-fraction must lie in (0, 1], got {cfg.gold_fraction}")
         if cfg.kd_data_mode == "paired" and (cfg.extra_data or cfg.gold_fraction < 1.0 or cfg.mix_ratios):
@@ -212,6 +221,8 @@ class TranslationDistillTask(TranslationTask):
             )
         if cfg.kd_data_mode == "ratio" and not cfg.mix_ratios:
             raise ValueError("--kd-data-mode ratio needs --mix-ratios, e.g. 1:2 (gold:teacher)")
+        if cfg.kd_data_mode == "ratio":  # checked now, not when the train split is loaded after the teacher
+            parse_ratios(cfg.mix_ratios, 2 + len(self._extra_dirs()))
 
     def _extra_dirs(self):
         return utils.split_paths(self.cfg.extra_data) if self.cfg.extra_data else []
@@ -249,19 +260,38 @@ class TranslationDistillTask(TranslationTask):
         return TeacherTargetDataset(gold, teacher)
 
     def build_model(self, cfg, from_checkpoint=False):
+        if not from_checkpoint:
+            self._check_finetune_from_model()
         model = super().build_model(cfg, from_checkpoint)
         self.student_widths = state_widths(model)  # for criterions that compare hidden states
         if not from_checkpoint and self.cfg.teacher_path:
-            self._load_teacher()
+            if self.cfg.teacher_cache:
+                logger.info(
+                    f"teacher {self.cfg.teacher_path} not loaded: --teacher-cache serves the splits that have a "
+                    "cache; it is loaded only for a split without one, or for --student-init"
+                )
+            else:
+                self._load_teacher()
         if not from_checkpoint and self.cfg.student_init != "none":
             self._init_student_from_teacher(model)
         return model
+
+    def _check_finetune_from_model(self):
+        """Read the --finetune-from-model checkpoint's metadata once (tensors memory-mapped) before
+        fairseq loads it, so that an empty, truncated, refused or oversized file is named with its
+        problem instead of failing inside torch with a traceback."""
+        try:
+            path = getattr(self.cfg, "finetune_from_model", None)
+        except OmegaConfBaseException:  # a config built without fairseq's checkpoint group
+            return
+        if path and os.path.isfile(path):  # fairseq itself reports a missing one
+            check_checkpoint(path, "--finetune-from-model")
 
     def _init_student_from_teacher(self, model):
         """Copy the teacher's embeddings, output projection, norms and chosen layers into ``model``.
 
         A resumed run loads checkpoint_last.pt after this, which then overrides the copy."""
-        teacher = self.loaded_teacher()
+        teacher = self.loaded_teacher(reason="--student-init copies its layers")
         if len(teacher.models) > 1:
             raise ValueError("--student-init copies the layers of one teacher; --teacher-path names an ensemble")
         layer_maps = init_student_from_teacher(
@@ -291,14 +321,17 @@ class TranslationDistillTask(TranslationTask):
         """Whether a teacher is loaded, named by --teacher-path or cached in --teacher-cache."""
         return self._teacher is not None or bool(self.cfg.teacher_path or self.cfg.teacher_cache)
 
-    def loaded_teacher(self) -> Teacher:
-        """The teacher, loaded on first use (e.g. by ``fairseq-validate``), wherever it is now."""
+    def loaded_teacher(self, reason: Optional[str] = None) -> Teacher:
+        """The teacher, loaded on first use (e.g. by ``fairseq-validate``), wherever it is now;
+        ``reason`` (why it is needed) is logged when it is loaded here next to a --teacher-cache."""
         if self._teacher is None:
             if not self.cfg.teacher_path:
                 raise ValueError(
                     "this criterion distils from an online teacher: pass --teacher-path TEACHER.pt "
                     "(the task translation_distill loads it)"
                 )
+            if self.cfg.teacher_cache:
+                logger.info(f"loading teacher {self.cfg.teacher_path} next to --teacher-cache: {reason or 'a batch has no cache'}")
             self._load_teacher()
         return self._teacher
 

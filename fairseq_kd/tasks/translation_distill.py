@@ -33,7 +33,8 @@ class TranslationDistillConfig(TranslationConfig):
         default=None,
         metadata={
             "help": "teacher checkpoint, or several joined by ':' for an ensemble whose "
-            "probabilities are averaged; its dictionaries must equal the student's"
+            "probabilities are averaged (so a file whose path holds ':' cannot be named); its "
+            "dictionaries must equal the student's"
         },
     )
     teacher_precision: ChoiceEnum(PRECISIONS) = field(
@@ -46,8 +47,10 @@ class TranslationDistillConfig(TranslationConfig):
     teacher_dict_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "directory with the teacher's dict.SRC.txt/dict.TGT.txt (or dict.txt); default: "
-            "the teacher checkpoint's directory, then the data directory it was trained on"
+            "help": "directory with the teacher's dict.SRC.txt/dict.TGT.txt (or dict.txt); for an ensemble "
+            "one per member, ':'-separated in --teacher-path's order (repeat one the members share: D:D); "
+            "default: the teacher checkpoint's directory, then the data directory it was trained on (a "
+            "relative one is looked up next to the checkpoint, never in the current directory)"
         },
     )
     teacher_cache: Optional[str] = field(
@@ -56,7 +59,7 @@ class TranslationDistillConfig(TranslationConfig):
             "help": "directory of offline top-k teacher caches, one per split in <dir>/<split> "
             "(fairseq-kd-cache-teacher --destdir <dir>/train ...), used in place of an online teacher: "
             "no teacher in memory; the train split must have a cache, a validation split without "
-            "one runs the --teacher-path teacher online"
+            "one runs the --teacher-path teacher online (it is loaded only then, or for --student-init)"
         },
     )
     student_init: ChoiceEnum(("none",) + STUDENT_INIT_STRATEGIES) = field(

@@ -105,6 +105,10 @@ def check_config_size(state: dict, describe: str) -> None:
                 stack.extend((child, depth + 1) for child in node)
 
 
+def _first_sentence(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
+
+
 def _refused_global(message: str) -> str:
     match = re.search(r"GLOBAL (\S+)", message)
     return f"it names {match.group(1)}, " if match else ""
@@ -132,7 +136,7 @@ def check_checkpoint(path: str, what: str = "checkpoint") -> None:
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as err:
         raise CheckpointError(
             f"{describe} ({os.path.getsize(path):,} bytes) is not a complete checkpoint, truncated or not "
-            f"written by torch.save ({type(err).__name__}: {str(err).splitlines()[0][:200]}); copy it "
+            f"written by torch.save ({type(err).__name__}: {_first_sentence(err)}); copy it "
             "again or use an earlier checkpoint"
         ) from None
     if not isinstance(state, dict) or "model" not in state:

@@ -35,8 +35,7 @@ def check_weights(criterion: str, weights: dict) -> None:
 
 
 def check_alpha(name: str, value: float) -> None:
-    """Refuse an interpolation weight outside [0, 1], naming the flag to change."""
-    check_finite({f"--{name.replace('_', '-')}": value})
+    """Refuse an interpolation weight outside [0, 1] (NaN included), naming the flag to change."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(
             f"--{name.replace('_', '-')} must lie in [0, 1] (it weights the distillation term "
@@ -45,13 +44,14 @@ def check_alpha(name: str, value: float) -> None:
 
 
 def check_temperature(value: float) -> None:
-    """Refuse a non-positive or non-finite temperature, which would make the softmax undefined or inverted."""
-    check_finite({"--temperature": value})
+    """Refuse a temperature that is not a positive finite number: the softmax would be undefined,
+    inverted, or uniform (T = inf, whose KD term is then 0 * inf = NaN)."""
     if not value > 0.0:
         raise ValueError(
             f"--temperature must be > 0 (T=1 is the plain softmax; Hinton et al. 2015 soften "
             f"with T > 1, NVIDIA's NeMo NMT-distillation guide found T in [0.5, 1] best), got {value}"
         )
+    check_finite({"--temperature": value})
 
 
 @dataclass

@@ -102,24 +102,29 @@ def test_relative_teacher_data_next_to_the_checkpoint_is_used_and_logged(tiny_da
 # --------------------------------------------------------------------- non-finite values
 
 
-@pytest.mark.parametrize("criterion, flags, flag", [
-    ("word_kd", ["--temperature", "inf"], "--temperature"),
-    ("word_kd", ["--alpha", "nan"], "--alpha"),
-    ("word_kd", ["--label-smoothing", "nan"], "--label-smoothing"),
-    ("hybrid_kd", ["--word-kd-weight", "nan"], "--word-kd-weight"),
-    ("hybrid_kd", ["--seq-nll-weight", "inf"], "--seq-nll-weight"),
-    ("hybrid_kd", ["--seq-kd-weight=-inf"], "--seq-kd-weight"),
-    ("seq_kd_interp", ["--alpha", "nan"], "--alpha"),
-    ("triple_loss", ["--cos-weight", "nan"], "--cos-weight"),
-    ("triple_loss", ["--kd-weight", "inf"], "--kd-weight"),
-    ("triple_loss", ["--nll-weight", "nan"], "--nll-weight"),
-    ("triple_loss", ["--temperature", "nan"], "--temperature"),
+FINITE = "must be a finite number, got"
+
+
+@pytest.mark.parametrize("criterion, flags, message", [
+    ("word_kd", ["--temperature", "inf"], f"--temperature {FINITE} inf"),
+    ("word_kd", ["--alpha", "nan"], r"--alpha must lie in \[0, 1\].*got nan"),  # refused before too: kept
+    ("word_kd", ["--label-smoothing", "nan"], f"--label-smoothing {FINITE} nan"),
+    ("hybrid_kd", ["--word-kd-weight", "nan"], f"--word-kd-weight {FINITE} nan"),
+    ("hybrid_kd", ["--seq-nll-weight", "inf"], f"--seq-nll-weight {FINITE} inf"),
+    ("hybrid_kd", ["--seq-kd-weight=-inf"], f"--seq-kd-weight {FINITE} -inf"),
+    ("hybrid_kd", ["--temperature", "inf"], f"--temperature {FINITE} inf"),
+    ("seq_kd_interp", ["--alpha", "inf"], r"--alpha must lie in \[0, 1\].*got inf"),  # refused before too: kept
+    ("seq_kd_interp", ["--label-smoothing", "inf"], f"--label-smoothing {FINITE} inf"),
+    ("triple_loss", ["--cos-weight", "nan"], f"--cos-weight {FINITE} nan"),
+    ("triple_loss", ["--kd-weight", "inf"], f"--kd-weight {FINITE} inf"),
+    ("triple_loss", ["--nll-weight", "nan"], f"--nll-weight {FINITE} nan"),
+    ("triple_loss", ["--temperature", "nan"], "--temperature must be > 0.*got nan"),  # refused before too: kept
 ])
-def test_non_finite_criterion_flags_are_refused(tiny_data, criterion, flags, flag):
+def test_non_finite_criterion_flags_are_refused(tiny_data, criterion, flags, message):
     cfg = training_config(tiny_data, "--arch", "transformer", "--teacher-path", "never-loaded.pt",
                           "--criterion", criterion, *flags)
     task = tasks.setup_task(cfg.task)
-    with pytest.raises(ValueError, match=f"^{flag} must be a finite number, got"):
+    with pytest.raises(ValueError, match=f"^{message}"):
         task.build_criterion(cfg.criterion)
 
 

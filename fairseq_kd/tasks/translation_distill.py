@@ -135,10 +135,10 @@ class TranslationDistillTask(TranslationTask):
 
     @classmethod
     def setup_task(cls, cfg: TranslationDistillConfig, **kwargs):
+        if cfg.teacher_path:  # before ':' splits it into ensemble members
+            check_no_colon_in_file_name(cfg.teacher_path)
         # Stored absolute, so that fairseq-validate, which rebuilds the task from the checkpoint's
         # config, finds them from any working directory.
-        if cfg.teacher_path:
-            check_no_colon_in_file_name(cfg.teacher_path)
         for name in ("teacher_path", "teacher_dict_dir", "teacher_cache", "kd_data", "extra_data"):
             paths = getattr(cfg, name)
             if paths:

@@ -62,7 +62,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--teacher-dict-dir",
         metavar="DIR",
         help="directory with the teacher's dict.SRC.txt/dict.TGT.txt (or dict.txt), checked against the data's; "
-        "default: the teacher checkpoint's directory, then the data directory it was trained on",
+        "default: the teacher checkpoint's directory, then the data directory it was trained on (a relative "
+        "one is looked up next to the checkpoint, never in the current directory)",
     )
     parser.add_argument(
         "--encoder-layers",

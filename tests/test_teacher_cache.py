@@ -149,8 +149,9 @@ def test_resuming_with_other_settings_is_refused(tiny_data, tiny_teacher, valid_
          "--teacher-precision", "fp32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # the plugin's user-error status (fairseq_kd/cli/errors.py)
     assert "error:" in proc.stderr and "k: 8 in the existing build, 4 now" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("left_pad_target", [False, True])

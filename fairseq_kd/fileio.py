@@ -53,16 +53,24 @@ def atomic_output(path: str, verify: Optional[Callable[[str], None]] = None, dur
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        if err.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(
-                f"no space left on the device while writing {path}: nothing was lost (the files finished "
-                "before are kept, this one was not written); free space on that file system and rerun the "
-                "same command to continue"
-            ) from err
-        raise
+        raise disk_full_error(err, path) or err
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def disk_full_error(err: OSError, path: str) -> Optional[DiskFullError]:
+    """The :class:`DiskFullError` for ``err`` raised while writing ``path``, or None when ``err`` is
+    another error. For writers of several files at once, to name the one that did not fit."""
+    if err.errno not in DISK_FULL_ERRNOS:
+        return None
+    error = DiskFullError(
+        f"no space left on the device while writing {path}: nothing was lost (the files finished before "
+        "are kept, this one was not written); free space on that file system and rerun the same command "
+        "to continue"
+    )
+    error.__cause__ = err
+    return error
 
 
 def file_sha256(path: str) -> str:

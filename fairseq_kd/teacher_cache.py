@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from fairseq_kd.cli.errors import UserError
-from fairseq_kd.fileio import atomic_output, is_temporary
+from fairseq_kd.fileio import atomic_output, disk_full_error, is_temporary
 from fairseq_kd.losses import teacher_log_probs
 
 FORMAT = "fairseq-kd-teacher-cache"
@@ -323,17 +323,20 @@ class TeacherCacheWriter:
             raise ValueError(f"cannot merge: shards {missing} are missing")
         _atomic_write(os.path.join(self.cache_dir, OFFSETS), lambda f: np.save(f, self.offsets))
         shape = (int(self.offsets[-1]), self.k)
+        paths = [os.path.join(self.cache_dir, name) for name in (IDS, LPROBS)]
         with contextlib.ExitStack() as stack:
             outputs = []
-            for name, dtype in ((IDS, self.id_dtype), (LPROBS, LPROB_DTYPE)):
-                tmp = stack.enter_context(atomic_output(os.path.join(self.cache_dir, name), durable=True))
-                f = stack.enter_context(open(tmp, "wb"))
+            for path, dtype in zip(paths, (self.id_dtype, LPROB_DTYPE)):
+                f = stack.enter_context(open(stack.enter_context(atomic_output(path, durable=True)), "wb"))
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
                 np.lib.format.write_array_header_1_0(f, header)
                 outputs.append(f)
             for index in range(self.num_shards):
-                for f, array in zip(outputs, self.read_shard(index)):
-                    f.write(np.ascontiguousarray(array).tobytes())
+                for f, path, array in zip(outputs, paths, self.read_shard(index)):
+                    try:
+                        f.write(np.ascontiguousarray(array).tobytes())
+                    except OSError as err:  # named here: the other file's context would claim it first
+                        raise disk_full_error(err, path) or err
         _write_json(os.path.join(self.cache_dir, HEADER), dict(self.settings, complete=True))
         self._remove_shards()
 
@@ -381,7 +384,10 @@ class TeacherCache:
                 f"no teacher cache in {cache_dir} ({HEADER} missing); build one with fairseq-kd-cache-teacher"
             )
         header = _read_header(path)
-        if not header["complete"]:
+        if any(not isinstance(header.get(key), int) for key in ("k", "vocab_size", "num_sentences", "num_tokens")):
+            raise CacheError(f"{path} is damaged: k, vocab_size, num_sentences and num_tokens must be integers; "
+                             "delete the directory and build the cache again")
+        if not header.get("complete"):
             raise CacheError(
                 f"the teacher cache in {cache_dir} is incomplete (its build was interrupted); rerun the "
                 "same fairseq-kd-cache-teacher command to finish it"
@@ -401,21 +407,22 @@ class TeacherCache:
                 f"{f' and decrease after sentence id {decreasing[0]}' if len(decreasing) else ''}; "
                 f"{self.damaged_hint()}"
             )
-        self._ids = self._load(IDS, np.dtype(header["id_dtype"]), rows)
+        self._ids = self._load(IDS, id_dtype_for(self.vocab_size), rows)
         self._lprobs = self._load(LPROBS, LPROB_DTYPE, rows)
         if check_values:
             for start in range(0, len(self._ids), SCAN_ROWS):
-                rows = slice(start, start + SCAN_ROWS)
-                check_ids(self._ids[rows], self.vocab_size, os.path.join(cache_dir, IDS), self.damaged_hint(), start)
-                check_lprobs(self._lprobs[rows], os.path.join(cache_dir, LPROBS), self.damaged_hint(), start)
+                chunk = slice(start, start + SCAN_ROWS)
+                check_ids(self._ids[chunk], self.vocab_size, os.path.join(cache_dir, IDS), self.damaged_hint(), start)
+                check_lprobs(self._lprobs[chunk], os.path.join(cache_dir, LPROBS), self.damaged_hint(), start)
 
     def damaged_hint(self) -> str:
         """How to build this (complete, hence shard-less) cache again, for damaged-file errors."""
         h = self.header
+        teachers = ":".join(t.get("path", "?") for t in h.get("teachers", []))
         return (
-            f"delete {self.cache_dir} and build it again: fairseq-kd-cache-teacher --teacher-path "
-            f"{':'.join(t['path'] for t in h['teachers'])} {h['data']} --split {h['split']} --k {h['k']} "
-            f"--shard-size {h['shard_size']} --teacher-precision {h['teacher_precision']} --destdir {self.cache_dir}"
+            f"delete {self.cache_dir} and build it again: fairseq-kd-cache-teacher --teacher-path {teachers} "
+            f"{h.get('data')} --split {h.get('split')} --k {h['k']} --shard-size {h.get('shard_size')} "
+            f"--teacher-precision {h.get('teacher_precision')} --destdir {self.cache_dir}"
         )
 
     def _load(self, name: str, dtype, shape: tuple, mmap_mode="r") -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 
 from fairseq_kd.distill_bitext.merge import write_lines
 from fairseq_kd.distill_bitext.shards import CountMismatchError, DistillDataError, check_destdir
-from fairseq_kd.fileio import DiskFullError, atomic_output
+from fairseq_kd.fileio import DiskFullError, atomic_output, temporary_path
 from fairseq_kd.teacher_cache import IDS, LPROBS, OFFSETS, CacheError, TeacherCache, TeacherCacheWriter
 
 VOCAB = 40
@@ -193,3 +193,19 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path):
             with open(tmp, "w") as f:
                 f.write("after\n" * 1000)
     assert path.read_text() == "before\n" and os.listdir(tmp_path) == ["out.txt"]
+
+
+@pytest.mark.parametrize("name", [IDS, LPROBS])
+def test_a_full_disk_while_merging_a_cache_names_the_array_that_did_not_fit(tmp_path, name):
+    lengths = [3000, 2000]  # arrays larger than a file buffer: the write itself fails, not the close
+    rng = np.random.default_rng(0)
+    writer = TeacherCacheWriter(str(tmp_path / "cache"), settings(), lengths, 1)
+    for i, n in enumerate(lengths):
+        lprobs = -np.sort(rng.uniform(0.01, 8, (n, K)), axis=1).astype(np.float32)
+        writer.write_shard(i, {i: (rng.integers(0, VOCAB, (n, K)), lprobs)})
+    path = tmp_path / "cache" / name
+    os.symlink("/dev/full", temporary_path(str(path)))
+    with pytest.raises(DiskFullError, match=f"while writing {path}: nothing was lost"):
+        writer.merge()
+    assert sorted(os.listdir(tmp_path / "cache")) == ["header.json", OFFSETS, "shards"]
+    assert writer.missing_shards() == [] and not writer.complete

@@ -35,7 +35,9 @@ Building is resumable and atomic: ``header.json`` is written first with ``comple
 the build's settings; each shard and each final array is written to a temporary file and moved
 into place with :func:`os.replace`; ``complete`` becomes true only after all arrays are in place.
 A rerun with the same settings computes only the missing shards; a rerun with other settings is
-refused.
+refused, and so is a non-empty directory that holds no cache (the merge deletes only the shard
+files the build wrote). Non-finite log-probabilities are refused when a shard is written, damaged
+shards when they are merged, and a damaged cache when it is opened (:class:`TeacherCache`).
 """
 
 import contextlib

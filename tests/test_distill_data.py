@@ -433,3 +433,18 @@ def test_a_full_disk_while_merging_loses_nothing(reference_run, tiny_data, tiny_
     assert tree(destdir) == tree(reference_run[0])  # the earlier outputs and every shard are intact
     assert exit_status(argv, capsys)[0] == 0
     assert tree(destdir) == tree(reference_run[0])
+
+
+def test_an_empty_split_is_refused_naming_its_file(tiny_data, tiny_teacher, tmp_path, capsys):
+    from fairseq.data import indexed_dataset
+
+    data = tmp_path / "data-bin"
+    data.mkdir()
+    for lang in ("src", "tgt"):
+        shutil.copyfile(tiny_data / "bin" / f"dict.{lang}.txt", data / f"dict.{lang}.txt")
+        builder = indexed_dataset.make_builder(str(data / f"test.src-tgt.{lang}.bin"), impl="mmap", vocab_size=100)
+        builder.finalize(str(data / f"test.src-tgt.{lang}.idx"))  # no sentences
+    argv = [str(a) for a in distill_cmd(data, tiny_teacher, tmp_path / "kd")[1:]]
+    status, err = exit_status(argv, capsys)
+    assert status == 2 and f"split 'test' of {data} has no sentences ({data}/test.src-tgt.src.bin is empty)" in err
+    assert not (tmp_path / "kd").exists()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import COMMON_TRAIN, USER_DIR, cli, run
+from conftest import COMMON_TRAIN, USER_DIR, cli, empty_split_data, run
 from fairseq_kd.cli import distill_data
 from fairseq_kd.distill_bitext.filters import FilterConfig, Pair, apply_filters, max_ngram_count
 from fairseq_kd.distill_bitext.selection import Hypothesis, Selection, parse_selection, select, sentence_similarity
@@ -436,14 +436,7 @@ def test_a_full_disk_while_merging_loses_nothing(reference_run, tiny_data, tiny_
 
 
 def test_an_empty_split_is_refused_naming_its_file(tiny_data, tiny_teacher, tmp_path, capsys):
-    from fairseq.data import indexed_dataset
-
-    data = tmp_path / "data-bin"
-    data.mkdir()
-    for lang in ("src", "tgt"):
-        shutil.copyfile(tiny_data / "bin" / f"dict.{lang}.txt", data / f"dict.{lang}.txt")
-        builder = indexed_dataset.make_builder(str(data / f"test.src-tgt.{lang}.bin"), impl="mmap", vocab_size=100)
-        builder.finalize(str(data / f"test.src-tgt.{lang}.idx"))  # no sentences
+    data = empty_split_data(tiny_data, tmp_path / "data-bin", "test")
     argv = [str(a) for a in distill_cmd(data, tiny_teacher, tmp_path / "kd")[1:]]
     status, err = exit_status(argv, capsys)
     assert status == 2 and f"split 'test' of {data} has no sentences ({data}/test.src-tgt.src.bin is empty)" in err

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fairseq.data import Dictionary, indexed_dataset
+from fairseq.data import Dictionary
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from conftest import cli
+from conftest import cli, empty_split_data
 from fairseq_kd.cli.cache_teacher import cache_teacher, get_parser
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.teacher import Teacher
@@ -267,12 +267,7 @@ def test_a_full_disk_while_merging_loses_nothing(tiny_data, tiny_teacher, valid_
 
 
 def test_an_empty_split_is_refused_without_a_traceback(tiny_data, tiny_teacher, tmp_path):
-    data = tmp_path / "data-bin"
-    data.mkdir()
-    for lang in ("src", "tgt"):
-        shutil.copyfile(tiny_data / "bin" / f"dict.{lang}.txt", data / f"dict.{lang}.txt")
-        builder = indexed_dataset.make_builder(str(data / f"valid.src-tgt.{lang}.bin"), impl="mmap", vocab_size=100)
-        builder.finalize(str(data / f"valid.src-tgt.{lang}.idx"))  # no sentences
+    data = empty_split_data(tiny_data, tmp_path / "data-bin", "valid")
     proc = subprocess.run(
         [cli("fairseq-kd-cache-teacher"), "--teacher-path", str(tiny_teacher), str(data), "--split", "valid",
          "--destdir", str(tmp_path / "cache"), "--cpu"],

@@ -3,6 +3,7 @@ through the real fairseq CLIs (built once per test session, in a temporary direc
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,16 @@ def tiny_teacher(tiny_data, tmp_path_factory):
          "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
          "--max-update", "300", "--save-dir", save_dir, "--no-epoch-checkpoints"])
     return save_dir / "checkpoint_best.pt"
+
+
+def empty_split_data(tiny_data, directory, split):
+    """A binarized data directory with the tiny data's dictionaries and an empty ``split``."""
+    from fairseq.data import indexed_dataset
+
+    directory.mkdir()
+    for lang in ("src", "tgt"):
+        shutil.copyfile(tiny_data / "bin" / f"dict.{lang}.txt", directory / f"dict.{lang}.txt")
+        builder = indexed_dataset.make_builder(str(directory / f"{split}.src-tgt.{lang}.bin"), impl="mmap",
+                                               vocab_size=100)
+        builder.finalize(str(directory / f"{split}.src-tgt.{lang}.idx"))  # no sentences
+    return directory

@@ -3,6 +3,7 @@ through the real console script on the tiny teacher: parity with fairseq-generat
 killed run, workers sharing the shards, refusing changed arguments or incomplete shards, and
 training on the result with plain fairseq-train."""
 
+import json
 import math
 import os
 import re
@@ -13,11 +14,12 @@ import time
 
 import pytest
 
-from conftest import COMMON_TRAIN, USER_DIR, cli, run
+from conftest import COMMON_TRAIN, USER_DIR, cli, empty_split_data, run
 from fairseq_kd.cli import distill_data
 from fairseq_kd.distill_bitext.filters import FilterConfig, Pair, apply_filters, max_ngram_count
 from fairseq_kd.distill_bitext.selection import Hypothesis, Selection, parse_selection, select, sentence_similarity
 from fairseq_kd.distill_bitext.shards import CountMismatchError, SentenceRecord, check_records, worker_shards
+from fairseq_kd.fileio import temporary_path
 
 N_TEST = 100  # sentences in the fixture's test split
 SHARD_SIZE = 10
@@ -294,3 +296,148 @@ def test_nbest_pairs_with_a_filter_train_with_fairseq_train(tiny_data, tiny_teac
         return {name: data for name, data in files.items() if name.startswith("test.")}
 
     assert of_split_test(after) == of_split_test(before)
+
+
+# ---------------------------------------------------------------- bad input and faults (docs/troubleshooting.md)
+
+
+def one_shard_cmd(tiny_data, teacher, destdir, *extra):
+    """In-process arguments that translate shard 0 only (worker 0 of 10) and do not merge."""
+    return [str(a) for a in distill_cmd(tiny_data / "bin", teacher, destdir, "--num-workers", "10", "--worker-id",
+                                         "0", "--merge", "never", *extra)[1:]]
+
+
+def edited_teacher(tiny_teacher, path, edit):
+    """A copy of the tiny teacher's checkpoint at ``path``, changed by ``edit(state)``."""
+    import torch
+
+    state = torch.load(tiny_teacher, weights_only=False)  # the test's own checkpoint
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+def exit_status(argv, capsys):
+    """distill_data.main's exit status (0 when it returns) and its stderr."""
+    try:
+        distill_data.main(argv)
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err
+
+
+def test_resume_with_a_replaced_teacher_is_refused(tiny_data, tiny_teacher, tmp_path, capsys):
+    teacher = tmp_path / "teacher.pt"
+    shutil.copyfile(tiny_teacher, teacher)
+    destdir = tmp_path / "kd"
+    assert exit_status(one_shard_cmd(tiny_data, teacher, destdir), capsys)[0] == 0
+
+    def retrain(state):
+        weight = next(iter(state["model"].values()))
+        weight.add_(0.01)
+
+    edited_teacher(tiny_teacher, teacher, retrain)  # another teacher, written to the same path
+    argv = one_shard_cmd(tiny_data, teacher, destdir)
+    argv[argv.index("--worker-id") + 1] = "1"
+    status, err = exit_status(argv, capsys)
+    assert status == 2 and "Traceback" not in err
+    assert f"teacher checkpoint {teacher} is not the one this run was started with" in err
+    assert "write to a new --destdir for this teacher" in err
+    assert sorted(p.name for p in (destdir / "test.kd.shards").iterdir()) == ["000000.jsonl"]
+
+
+def test_a_run_refused_at_start_does_not_lock_its_destdir(tiny_data, tiny_teacher, tmp_path, capsys):
+    # a teacher dictionary directory that is not the teacher's: refused, then the same destdir
+    # accepts the run without the wrong flag
+    bad_dicts = tmp_path / "dicts"
+    bad_dicts.mkdir()
+    for lang in ("src", "tgt"):
+        text = (tiny_data / "bin" / f"dict.{lang}.txt").read_text()
+        (bad_dicts / f"dict.{lang}.txt").write_text(text.replace("a1 ", "zz ", 1))
+    destdir = tmp_path / "kd"
+    status, err = exit_status(one_shard_cmd(tiny_data, tiny_teacher, destdir, "--teacher-dict-dir", bad_dicts), capsys)
+    assert status == 2 and "dictionary" in err and "differs from the student's" in err
+    assert not (destdir / "test.kd.args.json").exists()
+    assert exit_status(one_shard_cmd(tiny_data, tiny_teacher, destdir), capsys)[0] == 0
+    assert (destdir / "test.kd.shards" / "000000.jsonl").exists()
+
+    # sentences longer than the teacher accepts: refused for the whole split before any shard is
+    # saved, then --skip-too-long, which the error suggests, runs in the same destdir
+    def short_positions(state):
+        state["cfg"]["model"].max_source_positions = 5
+
+    (tmp_path / "short").mkdir()
+    short = edited_teacher(tiny_teacher, tmp_path / "short" / "teacher.pt", short_positions)
+    for name in ("dict.src.txt", "dict.tgt.txt"):  # the teacher's dictionaries, next to its checkpoint
+        shutil.copyfile(tiny_data / "bin" / name, tmp_path / "short" / name)
+    destdir = tmp_path / "kd_short"
+    status, err = exit_status(one_shard_cmd(tiny_data, short, destdir), capsys)
+    assert status == 2 and "longer than the teacher's 5 positions; pass --skip-too-long" in err
+    assert exit_status(one_shard_cmd(tiny_data, short, destdir, "--skip-too-long"), capsys)[0] == 0
+    records = [SentenceRecord.from_json(line) for line in (destdir / "test.kd.shards" / "000000.jsonl").open()]
+    assert len(records) == SHARD_SIZE and any(r.skipped for r in records)
+
+
+def test_foreign_destdir_is_refused_and_left_as_it_was(tiny_data, tiny_teacher, tmp_path, capsys):
+    other = tmp_path / "other-bin"
+    shutil.copytree(tiny_data / "bin", other)
+    before = tree(other)
+    status, err = exit_status(one_shard_cmd(tiny_data, tiny_teacher, other), capsys)
+    assert status == 2 and f"--destdir {other} is not empty" in err and "pass a new or empty --destdir" in err
+    assert tree(other) == before
+
+
+def test_damaged_shards_name_the_file_and_the_fix(reference_run, tiny_data, tiny_teacher, tmp_path, capsys):
+    destdir = tmp_path / "copy"
+    shutil.copytree(reference_run[0], destdir)
+    argv = [str(a) for a in distill_cmd(tiny_data / "bin", tiny_teacher, destdir)[1:]]
+    outputs = {name: data for name, data in tree(destdir).items() if not name.startswith("test.kd.shards")}
+
+    # a truncated shard (a disk or copy fault): the same error on every rerun until it is recomputed
+    shard = destdir / "test.kd.shards" / "000004.jsonl"
+    shard.write_bytes(shard.read_bytes()[:-20])
+    for _ in range(2):
+        status, err = exit_status(argv + ["--merge", "only"], capsys)
+        assert status == 2 and "Traceback" not in err
+        assert f"shard file {shard} is damaged at line 10" in err
+        assert f"delete {shard} and rerun the same command: only that shard is translated again" in err
+    shard.unlink()
+    assert exit_status(argv, capsys)[0] == 0
+    assert tree(destdir) == tree(reference_run[0])
+
+    # a line break injected into a shard's text would shift every later output line: refused
+    # before any output is replaced
+    shard = destdir / "test.kd.shards" / "000003.jsonl"
+    lines = shard.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["hyps"][0][0] = record["hyps"][0][0].replace(" ", "\n", 1)
+    shard.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))
+    status, err = exit_status(argv + ["--merge", "only"], capsys)
+    assert status == 2 and f"shard file {shard}: sentence 30 has a line break inside its text" in err
+    assert {name: data for name, data in tree(destdir).items() if not name.startswith("test.kd.shards")} == outputs
+
+
+def test_a_full_disk_while_merging_loses_nothing(reference_run, tiny_data, tiny_teacher, tmp_path, capsys):
+    destdir = tmp_path / "copy"
+    shutil.copytree(reference_run[0], destdir)
+    argv = [str(a) for a in distill_cmd(tiny_data / "bin", tiny_teacher, destdir)[1:]] + ["--merge", "only"]
+    target = destdir / "test.kd.tgt"
+    tmp = temporary_path(str(target))  # the name the merge writes test.kd.tgt under, in this process
+    os.symlink("/dev/full", tmp)  # every write to it fails with ENOSPC
+    status, err = exit_status(argv, capsys)
+    assert not os.path.lexists(tmp)
+    assert status == 2 and "Traceback" not in err
+    assert f"no space left on the device while writing {target}: nothing was lost" in err
+    assert "free space on that file system and rerun the same command" in err
+    assert tree(destdir) == tree(reference_run[0])  # the earlier outputs and every shard are intact
+    assert exit_status(argv, capsys)[0] == 0
+    assert tree(destdir) == tree(reference_run[0])
+
+
+def test_an_empty_split_is_refused_naming_its_file(tiny_data, tiny_teacher, tmp_path, capsys):
+    data = empty_split_data(tiny_data, tmp_path / "data-bin", "test")
+    argv = [str(a) for a in distill_cmd(data, tiny_teacher, tmp_path / "kd")[1:]]
+    status, err = exit_status(argv, capsys)
+    assert status == 2 and f"split 'test' of {data} has no sentences ({data}/test.src-tgt.src.bin is empty)" in err
+    assert not (tmp_path / "kd").exists()

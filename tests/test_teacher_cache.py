@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from fairseq.data import Dictionary
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from conftest import cli
+from conftest import cli, empty_split_data
 from fairseq_kd.cli.cache_teacher import cache_teacher, get_parser
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.teacher import Teacher
-from fairseq_kd.teacher_cache import TeacherCache
+from fairseq_kd.fileio import DiskFullError, temporary_path
+from fairseq_kd.teacher_cache import CacheError, TeacherCache
 
 SHARD_SIZE = 30  # valid has 100 sentences: shards of 30, 30, 30 and 10
 
@@ -149,8 +150,9 @@ def test_resuming_with_other_settings_is_refused(tiny_data, tiny_teacher, valid_
          "--teacher-precision", "fp32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # the plugin's user-error status (fairseq_kd/cli/errors.py)
     assert "error:" in proc.stderr and "k: 8 in the existing build, 4 now" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("left_pad_target", [False, True])
@@ -221,3 +223,57 @@ def test_ensemble_caches_averaged_probabilities(tiny_data, tiny_teacher, valid_c
     check_against_direct(cache, task.dataset("valid"), [0, 13, 50, 99], direct)
     single = TeacherCache(str(valid_cache[0]))
     assert (cache.get(50)[1] - single.get(50)[1]).abs().max() > 0.05  # the second teacher matters
+
+
+# ---------------------------------------------------------------- bad input and faults (docs/troubleshooting.md)
+
+
+def test_batch_settings_change_fp32_values_by_at_most_one_float16_step(tiny_data, tiny_teacher, valid_cache, tmp_path):
+    """What docs/teacher-cache.md says of --max-tokens / --batch-size: in fp32 another batch size
+    leaves every id and changes a log-probability by at most one float16 rounding step (padding
+    changes the matrix shapes and so the last float32 bits)."""
+    reference = TeacherCache(str(valid_cache[0]))  # --max-tokens 300
+    for extra in (["--max-tokens", "4096"], ["--batch-size", "1"]):
+        out = tmp_path / extra[0].strip("-")
+        build(tiny_data, tiny_teacher, out, *extra)
+        other = TeacherCache(str(out))
+        assert np.array_equal(other._ids, reference._ids)
+        step = np.spacing(np.abs(np.asarray(reference._lprobs)))  # float16 spacing at each value
+        assert (np.abs(other._lprobs.astype(np.float32) - reference._lprobs.astype(np.float32)) <= step).all()
+
+
+def test_complete_cache_with_a_missing_array_is_refused(tiny_data, tiny_teacher, valid_cache, tmp_path):
+    out = tmp_path / "cache"
+    shutil.copytree(valid_cache[0], out)
+    (out / "ids.npy").unlink()
+    for open_it in (lambda: build(tiny_data, tiny_teacher, out), lambda: TeacherCache(str(out))):
+        with pytest.raises(CacheError, match=f"{out}/ids.npy is missing although header.json says the cache is "
+                           f"complete; delete {out} and build it again: fairseq-kd-cache-teacher"):
+            open_it()
+
+
+def test_a_full_disk_while_merging_loses_nothing(tiny_data, tiny_teacher, valid_cache, tmp_path):
+    out = tmp_path / "cache"
+    out.mkdir()
+    tmp = temporary_path(str(out / "ids.npy"))  # the name the merge writes ids.npy under, in this process
+    os.symlink("/dev/full", tmp)  # every write to it fails with ENOSPC
+    with pytest.raises(DiskFullError, match=f"no space left on the device while writing {out}/ids.npy: nothing "
+                       "was lost .*free space on that file system and rerun the same command"):
+        build(tiny_data, tiny_teacher, out)
+    assert not os.path.lexists(tmp) and not (out / "ids.npy").exists()
+    assert len(list((out / "shards").iterdir())) == 4  # every computed shard kept
+    assert build(tiny_data, tiny_teacher, out)["computed_shards"] == []  # only the merge is redone
+    assert cache_arrays(out) == cache_arrays(valid_cache[0])
+
+
+def test_an_empty_split_is_refused_without_a_traceback(tiny_data, tiny_teacher, tmp_path):
+    data = empty_split_data(tiny_data, tmp_path / "data-bin", "valid")
+    proc = subprocess.run(
+        [cli("fairseq-kd-cache-teacher"), "--teacher-path", str(tiny_teacher), str(data), "--split", "valid",
+         "--destdir", str(tmp_path / "cache"), "--cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert proc.returncode == 2
+    assert f"split 'valid' of {data} has no sentences ({data}/valid.src-tgt.src.bin is empty)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert not (tmp_path / "cache").exists()

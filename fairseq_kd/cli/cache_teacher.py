@@ -12,10 +12,8 @@ interruption and only the missing shards are computed.
 """
 
 import argparse
-import hashlib
 import logging
 import os
-import sys
 import time
 from datetime import timedelta
 
@@ -25,8 +23,13 @@ from fairseq import utils
 from fairseq.data import BaseWrapperDataset
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_kd.teacher import PRECISIONS, Teacher, split_teacher_paths
+from fairseq_kd.cli.errors import run_command, setup_logging
+from fairseq_kd.distill_bitext.binarize import empty_binarized_files
+from fairseq_kd.fileio import teacher_files
+from fairseq_kd.teacher import PRECISIONS, Teacher
 from fairseq_kd.teacher_cache import (
+    CacheError,
+    TeacherCache,
     TeacherCacheWriter,
     bytes_per_token,
     dictionary_sha256,
@@ -92,17 +95,28 @@ class IdRangeDataset(BaseWrapperDataset):
 def load_split(args):
     """The translation task on ``DATA`` and its ``--split`` pairs, loaded as fairseq-train does."""
     if len(utils.split_paths(args.data)) != 1:
-        raise ValueError(f"DATA takes one directory, got {args.data!r}: build one cache per directory")
+        raise CacheError(f"DATA takes one directory, got {args.data!r}: build one cache per directory")
     # the fields fairseq interpolates from its global config, set explicitly to fairseq's defaults
     cfg = TranslationConfig(
         data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
         dataset_impl=None, train_subset="train", required_seq_len_multiple=1,
     )
-    task = TranslationTask.setup_task(cfg)
-    task.load_dataset(args.split, combine=args.split == cfg.train_subset)
+    try:
+        task = TranslationTask.setup_task(cfg)
+    except FileNotFoundError as err:
+        raise CacheError(f"cannot read the data directory {args.data}: {err}") from err
+    # fairseq cannot open a split with no sentences (it cannot map an empty file): say so first
+    empty = empty_binarized_files(args.data, args.split, task.cfg.source_lang, task.cfg.target_lang)
+    if empty:
+        raise CacheError(f"split {args.split!r} of {args.data} has no sentences ({empty[0]} is empty): there "
+                         "is nothing to cache; pass a split that has some (--split)")
+    try:
+        task.load_dataset(args.split, combine=args.split == cfg.train_subset)
+    except FileNotFoundError as err:
+        raise CacheError(f"cannot load split {args.split!r} of {args.data}: {err}") from err
     dataset = task.dataset(args.split)
     if len(dataset) == 0:
-        raise ValueError(f"split {args.split!r} of {args.data} has no sentences")
+        raise CacheError(f"split {args.split!r} of {args.data} has no sentences")
     return task, dataset
 
 
@@ -113,24 +127,11 @@ def check_lengths(dataset, teacher: Teacher) -> None:
     if len(too_long) > 0:
         first = too_long[0]
         sizes = tuple(int(n) for n in dataset.size(first))
-        raise ValueError(
+        raise CacheError(
             f"{len(too_long)} sentences (first id {first}, (source, target) tokens {sizes}) exceed the "
             f"teacher's maximum positions {max_positions}; "
             "remove them from the data (fairseq-train would skip them) and binarize it again"
         )
-
-
-def teacher_files(teacher_path: str):
-    """Each teacher checkpoint's absolute path, size and SHA-256 (resume check: a copied checkpoint
-    is the same teacher, a retrained one is not, whatever the files' times)."""
-    files = []
-    for path in split_teacher_paths(teacher_path):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        files.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()})
-    return files
 
 
 class Progress:
@@ -165,17 +166,20 @@ class Progress:
 def cache_teacher(args) -> dict:
     """Build (or resume) the cache that ``args`` describe; return a summary of the run."""
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
+        raise CacheError(f"--k must be >= 1, got {args.k}")
     if args.stop_after_shards is not None and args.stop_after_shards < 1:
-        raise ValueError(
+        raise CacheError(
             f"--stop-after-shards must be >= 1 (leave it out to compute every shard), got {args.stop_after_shards}"
         )
     task, dataset = load_split(args)
     tgt_dict = task.target_dictionary
     if args.k > len(tgt_dict):
-        raise ValueError(f"--k {args.k} exceeds the target vocabulary size {len(tgt_dict)}")
+        raise CacheError(f"--k {args.k} exceeds the target vocabulary size {len(tgt_dict)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    teacher = Teacher.load(args.teacher_path, task, args.teacher_precision, args.teacher_dict_dir).to(device)
+    try:  # a missing checkpoint or dictionary, other dictionaries than the data's, an unusable precision
+        teacher = Teacher.load(args.teacher_path, task, args.teacher_precision, args.teacher_dict_dir).to(device)
+    except (ValueError, FileNotFoundError) as err:
+        raise CacheError(str(err)) from err
     check_lengths(dataset, teacher)
     settings = {
         "k": args.k,
@@ -192,6 +196,7 @@ def cache_teacher(args) -> dict:
     missing = writer.missing_shards()
     todo = missing[: args.stop_after_shards] if args.stop_after_shards is not None else missing
     if writer.complete:
+        TeacherCache(args.destdir)  # refuses missing or damaged arrays, naming the file
         logger.info(f"{args.destdir} already holds the complete cache: nothing to do")
     elif len(missing) < writer.num_shards:
         done = writer.num_shards - len(missing)
@@ -252,18 +257,9 @@ def cache_teacher(args) -> dict:
 
 def main(argv=None) -> None:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        level=os.environ.get("LOGLEVEL", "INFO").upper(),
-        stream=sys.stdout,
-        force=True,  # fairseq's imports may already have configured the root logger
-    )
+    setup_logging()
     logging.getLogger("fairseq.tasks.fairseq_task").setLevel(logging.WARNING)  # one batch iterator per shard
-    try:
-        cache_teacher(args)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"fairseq-kd-cache-teacher: error: {err}")
+    run_command("fairseq-kd-cache-teacher", lambda: cache_teacher(args))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import logging
 import os
-import sys
 import time
 from typing import List, Optional, Sequence
 
@@ -23,6 +22,7 @@ import torch
 from fairseq.dataclass.configs import GenerationConfig
 
 import fairseq_kd  # noqa: F401  (safe loading of fairseq checkpoints)
+from fairseq_kd.cli.errors import run_command, setup_logging
 from fairseq_kd.distill_bitext.filters import FILTER_NAMES, FilterConfig
 from fairseq_kd.distill_bitext.merge import merge
 from fairseq_kd.distill_bitext.selection import METRICS, SUBWORD_SCHEMES, Selection, parse_selection, select
@@ -31,12 +31,13 @@ from fairseq_kd.distill_bitext.shards import (
     DistillDataError,
     SentenceRecord,
     ShardLayout,
-    check_or_create_manifest,
+    check_destdir,
+    check_manifest,
     split_state_path,
     worker_shards,
 )
 from fairseq_kd.distill_bitext.translate import TeacherTranslator, load_split, load_teacher_models
-from fairseq_kd.teacher import split_teacher_paths
+from fairseq_kd.fileio import teacher_files
 
 logger = logging.getLogger("fairseq_kd.cli.distill_data")
 
@@ -159,13 +160,13 @@ def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterCo
     """Everything that determines the output, for ``SPLIT.kd.args.json``; not the worker split,
     the merge mode, the device or logging, which change where and how, not what."""
     return {
-        "format": 1,
+        "format": 2,
         "data": os.path.abspath(args.data),
         "split": args.split,
         "source_lang": task.cfg.source_lang,
         "target_lang": task.cfg.target_lang,
         "num_sentences": num_sentences,
-        "teacher_path": [os.path.abspath(p) for p in teacher_paths(args.teacher_path)],
+        "teachers": teacher_identity(args.teacher_path),
         "teacher_dict_dir": args.teacher_dict_dir and os.path.abspath(args.teacher_dict_dir),
         "fp16": args.fp16,
         "beam": args.beam, "nbest": nbest, "max_len_a": args.max_len_a, "max_len_b": args.max_len_b,
@@ -179,10 +180,11 @@ def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterCo
     }
 
 
-def teacher_paths(value: str) -> List[str]:
-    """The checkpoints of ``--teacher-path``, each checked to exist."""
+def teacher_identity(value: str) -> List[dict]:
+    """Path, size and SHA-256 of each checkpoint of ``--teacher-path`` (each checked to exist): a
+    resume with a checkpoint replaced at the same path is refused."""
     try:
-        return split_teacher_paths(value)
+        return teacher_files(value)
     except (ValueError, FileNotFoundError) as e:
         raise DistillDataError(str(e)) from e
 
@@ -270,10 +272,11 @@ def run(args) -> Optional[dict]:
     num_sentences = len(dataset)
     if args.select.mode == "closest" and dataset.tgt is None:
         raise DistillDataError(f"--select closest needs references, but split {args.split!r} has no target side")
-    check_or_create_manifest(split_state_path(args.destdir, args.split, "args.json"),
-                             build_manifest(args, task, num_sentences, nbest, filters))
     src, tgt = task.cfg.source_lang, task.cfg.target_lang
-    layout = ShardLayout(args.destdir, args.split, num_sentences, args.shard_size, args.select.k)
+    check_destdir(args.destdir, args.data, (src, tgt))
+    manifest = build_manifest(args, task, num_sentences, nbest, filters)
+    check_manifest(split_state_path(args.destdir, args.split, "args.json"), manifest)
+    layout = ShardLayout(args.destdir, args.split, num_sentences, args.shard_size, args.select.k, manifest)
     mine = worker_shards(len(layout), args.num_workers, args.worker_id)
     todo = [] if args.merge == "only" else layout.missing(mine)
     logger.info(
@@ -311,18 +314,10 @@ def run(args) -> Optional[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        level=os.environ.get("LOGLEVEL", "INFO").upper(),
-        stream=sys.stdout,
-    )
+    setup_logging()
     parser = get_parser()
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except DistillDataError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    run_command(parser.prog, lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -9,29 +9,46 @@ from the same text and dictionaries, without a second pass over the data in a su
 
 import os
 import shutil
-from typing import Sequence
+from typing import List, Sequence
 
+import numpy as np
 from fairseq.data import Dictionary, indexed_dataset
 
 from fairseq_kd.distill_bitext.shards import CountMismatchError, atomic_output
 
 
 def binarize_lines(lines: Sequence[str], dictionary: Dictionary, prefix: str) -> None:
-    """Write ``prefix.bin`` and ``prefix.idx`` holding ``lines``, each replaced atomically, and
-    check by reading them back that they hold one item per line."""
+    """Write ``prefix.bin`` and ``prefix.idx`` holding ``lines``, each replaced atomically once
+    reading the new files back shows one item per line (before either replaces anything)."""
     with atomic_output(prefix + ".bin") as tmp_bin, atomic_output(prefix + ".idx") as tmp_idx:
         builder = indexed_dataset.make_builder(tmp_bin, impl="mmap", vocab_size=len(dictionary))
         for line in lines:
             builder.add_item(dictionary.encode_line(line, add_if_not_exist=False, append_eos=True).long())
         builder.finalize(tmp_idx)
-    written = len(indexed_dataset.MMapIndexedDataset(prefix))
-    if written != len(lines):
-        raise CountMismatchError(f"{prefix}.bin holds {written} sentences, expected {len(lines)}")
+        index = indexed_dataset.MMapIndexedDataset.Index(tmp_idx)
+        sentences, tokens = len(index), int(index.sizes.sum()) * np.dtype(index.dtype).itemsize
+        del index  # unmaps the new index
+        if sentences != len(lines) or os.path.getsize(tmp_bin) != tokens:
+            raise CountMismatchError(
+                f"{prefix}.{{bin,idx}} would hold {sentences} sentences ({os.path.getsize(tmp_bin)} bytes of "
+                f"tokens for {tokens} indexed), expected {len(lines)} sentences; nothing was replaced"
+            )
 
 
 def binarized_prefix(directory: str, split: str, src: str, tgt: str, lang: str) -> str:
     """fairseq's name for one side of a binarized split: ``DIR/split.src-tgt.lang``."""
     return os.path.join(directory, f"{split}.{src}-{tgt}.{lang}")
+
+
+def empty_binarized_files(data: str, split: str, src: str, tgt: str) -> List[str]:
+    """The zero-byte ``.bin`` files of ``split`` in ``data`` (either direction in the name): a split
+    with no sentences, which fairseq's indexed dataset cannot open (it cannot map an empty file)."""
+    return [
+        prefix + ".bin"
+        for pair in ((src, tgt), (tgt, src))
+        for prefix in (binarized_prefix(data, split, *pair, lang) for lang in (src, tgt))
+        if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0
+    ]
 
 
 def copy_binarized_split(data: str, destdir: str, split: str, src: str, tgt: str) -> bool:

@@ -60,13 +60,19 @@ def collect_pairs(layout: ShardLayout, num_sentences: int) -> Dict:
 
 
 def write_lines(path: str, lines: Sequence[str]) -> None:
-    """Write ``lines`` atomically and check the file has exactly that many lines."""
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+    """Write ``lines`` atomically, once the new file is counted to hold exactly that many lines."""
+
+    def count(tmp: str) -> None:
+        with open(tmp, encoding="utf-8") as f:
+            written = sum(1 for _ in f)
+        if written != len(lines):
+            raise CountMismatchError(
+                f"{path} would have {written} lines, expected {len(lines)} (a text holds a line break); "
+                "nothing was replaced"
+            )
+
+    with atomic_output(path, verify=count) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.writelines(line + "\n" for line in lines)
-    with open(path, encoding="utf-8") as f:
-        written = sum(1 for _ in f)
-    if written != len(lines):
-        raise CountMismatchError(f"{path} has {written} lines, expected {len(lines)}")
 
 
 def merge(layout: ShardLayout, num_sentences: int, data: str, destdir: str, split: str, src: str, tgt: str,

@@ -9,22 +9,24 @@ files are missing. Shards depend only on the arguments and on their own sentence
 which worker computed them or in which order, so the merged output is byte-identical however the
 work was split or interrupted.
 
-``SPLIT.kd.args.json`` records the arguments that determine the output; a run that finds a
-different record refuses to add to the directory. Every file of a split's state starts with
+``SPLIT.kd.args.json`` records the arguments that determine the output (the teacher by its
+checkpoints' SHA-256), written just before the first shard; a run that finds a different record
+refuses to add to the directory, and a non-empty directory without such a record is not written to. Every file of a split's state starts with
 ``SPLIT.kd.``, so one directory can hold several distilled splits (e.g. train and valid).
 """
 
-import contextlib
+import filecmp
 import glob
 import json
 import os
-import socket
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from fairseq_kd.cli.errors import UserError
 from fairseq_kd.distill_bitext.selection import Hypothesis
+from fairseq_kd.fileio import atomic_output, changed_teacher, is_temporary, temporary_path  # noqa: F401  (atomic_output: used by merge, binarize)
 
 
-class DistillDataError(Exception):
+class DistillDataError(UserError):
     """A problem the user must fix (arguments, inputs, an incomplete directory); no traceback."""
 
 
@@ -62,24 +64,6 @@ def split_state_path(destdir: str, split: str, name: str) -> str:
     return os.path.join(destdir, f"{split}.kd.{name}")
 
 
-@contextlib.contextmanager
-def atomic_output(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path`` to write to; on success rename it to ``path``.
-
-    The temporary name starts with a dot and carries the host name and process id, so concurrent
-    writers (two workers merging at once, on one machine or on several sharing the directory) never
-    share one, and a killed writer leaves no half-written ``path``.
-    """
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def check_records(records: Sequence[SentenceRecord], ids: range, pairs_per_sentence: int, where: str) -> None:
     """Raise :class:`CountMismatchError` unless ``records`` are exactly the sentences ``ids``, in
     order, each with ``pairs_per_sentence`` pairs (or none, if skipped)."""
@@ -100,11 +84,16 @@ def check_records(records: Sequence[SentenceRecord], ids: range, pairs_per_sente
 class ShardLayout:
     """Shard ``k`` holds sentences ``k * shard_size`` up to the next shard's first id."""
 
-    def __init__(self, destdir: str, split: str, num_sentences: int, shard_size: int, pairs_per_sentence: int):
+    def __init__(self, destdir: str, split: str, num_sentences: int, shard_size: int, pairs_per_sentence: int,
+                 manifest: Optional[Dict] = None):
         if shard_size < 1:
             raise DistillDataError(f"--shard-size must be >= 1, got {shard_size}")
         self.dir = split_state_path(destdir, split, "shards")
         self.pairs_per_sentence = pairs_per_sentence
+        # recorded in SPLIT.kd.args.json just before the first shard is saved: a run refused while
+        # starting (a wrong teacher, too long sentences) leaves no record to refuse its fix
+        self.manifest_path = split_state_path(destdir, split, "args.json")
+        self.manifest = manifest
         self.ranges = [
             range(start, min(start + shard_size, num_sentences)) for start in range(0, num_sentences, shard_size)
         ]
@@ -122,6 +111,9 @@ class ShardLayout:
     def write(self, k: int, records: Sequence[SentenceRecord]) -> None:
         """Check that ``records`` are the whole shard ``k`` and save them atomically."""
         check_records(records, self.ranges[k], self.pairs_per_sentence, f"shard {k}")
+        if self.manifest is not None:
+            check_or_create_manifest(self.manifest_path, self.manifest)
+            self.manifest = None
         os.makedirs(self.dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.dir, f".{k:06d}.jsonl.*.tmp")):  # left by a killed run
             os.remove(stale)
@@ -129,10 +121,26 @@ class ShardLayout:
             out.writelines(r.to_json() + "\n" for r in records)
 
     def read(self, k: int) -> List[SentenceRecord]:
-        """The records of shard ``k``, checked to be the whole shard."""
-        with open(self.path(k), encoding="utf-8") as f:
-            records = [SentenceRecord.from_json(line) for line in f]
-        check_records(records, self.ranges[k], self.pairs_per_sentence, self.path(k))
+        """The records of shard ``k``, checked to be the whole shard, each text one line."""
+        path = self.path(k)
+        redo = f"delete {path} and rerun the same command: only that shard is translated again"
+        records = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    records.append(SentenceRecord.from_json(line))
+        except (ValueError, KeyError, TypeError) as err:  # a truncated or edited line; bad UTF-8 is a ValueError
+            raise DistillDataError(f"shard file {path} is damaged at line {len(records) + 1} ({err}); {redo}") from err
+        try:
+            check_records(records, self.ranges[k], self.pairs_per_sentence, path)
+        except CountMismatchError as err:
+            raise CountMismatchError(f"{err}; {redo}") from err
+        for r in records:
+            if any("\n" in text or "\r" in text for text in [r.src, *(h.text for h in r.pairs)]):
+                raise DistillDataError(
+                    f"shard file {path}: sentence {r.id} has a line break inside its text, which would shift every "
+                    f"later line of the aligned outputs; {redo}"
+                )
         return records
 
 
@@ -146,17 +154,75 @@ def worker_shards(num_shards: int, num_workers: int, worker_id: int) -> List[int
     return list(range(worker_id, num_shards, num_workers))
 
 
+def check_destdir(destdir: str, data: str, langs: Sequence[str]) -> None:
+    """Refuse a ``destdir`` whose files this tool did not write: a non-empty directory with no
+    ``SPLIT.kd.args.json`` (e.g. another data directory, whose binarized splits the outputs would
+    overwrite), or one whose dictionaries, copied there by an earlier split, differ from ``data``'s."""
+    if not os.path.isdir(destdir):
+        return
+    entries = sorted(name for name in os.listdir(destdir) if not is_temporary(name))
+    if entries and not glob.glob(os.path.join(glob.escape(destdir), "*.kd.args.json")):
+        raise DistillDataError(
+            f"--destdir {destdir} is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}) and "
+            "holds no fairseq-kd-distill-data output (no SPLIT.kd.args.json): this run would overwrite files it did "
+            "not write; pass a new or empty --destdir"
+        )
+    for lang in langs:
+        ours, theirs = os.path.join(destdir, f"dict.{lang}.txt"), os.path.join(data, f"dict.{lang}.txt")
+        if os.path.exists(ours) and os.path.exists(theirs) and not filecmp.cmp(ours, theirs, shallow=False):
+            raise DistillDataError(
+                f"{ours} differs from {theirs}: the splits already distilled into {destdir} were binarized with "
+                "other dictionaries, which this run would replace; pass a new --destdir"
+            )
+
+
+def read_manifest(path: str) -> Optional[Dict]:
+    """The recorded arguments at ``path``, or None when the split has not been started."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as err:
+        raise DistillDataError(f"{path} is damaged ({err}); write to a new --destdir") from err
+
+
+def check_manifest(path: str, manifest: Dict) -> None:
+    """Refuse to go on when ``path`` records other arguments than ``manifest`` (nothing recorded: fine)."""
+    manifest = json.loads(json.dumps(manifest))  # compare as JSON sees it (tuples become lists)
+    stored = read_manifest(path)
+    if stored is None or stored == manifest:
+        return
+    if "teachers" in stored:
+        changed = changed_teacher(stored["teachers"], manifest["teachers"])
+        if changed:
+            raise DistillDataError(
+                f"{path}: {changed}. The finished shards of this split hold the other teacher's translations, "
+                "which must not be mixed with this one's: write to a new --destdir for this teacher (or put the "
+                "original checkpoint back to resume)"
+            )
+    diffs = [
+        f"  {key}: {stored.get(key, '(unset)')!r} in {path}, {manifest.get(key, '(unset)')!r} now"
+        for key in sorted(set(stored) | set(manifest))
+        if stored.get(key) != manifest.get(key)
+    ]
+    raise DistillDataError(
+        f"{path}: this split was started with different arguments:\n" + "\n".join(diffs)
+        + "\nResume with the same arguments, or write to a new --destdir (shards made with other settings "
+        "cannot be mixed)."
+    )
+
+
 def check_or_create_manifest(path: str, manifest: Dict) -> None:
     """Record ``manifest`` at ``path``, or, when a record exists, refuse to go on unless it is
     identical. Creation uses ``os.link``, which fails if the file exists, so that concurrent
     workers starting together agree on one record."""
-    manifest = json.loads(json.dumps(manifest))  # compare as JSON sees it (tuples become lists)
-    directory, name = os.path.split(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     if not os.path.exists(path):
-        tmp = os.path.join(directory, f".{name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        tmp = temporary_path(path)
         with open(tmp, "w", encoding="utf-8") as out:
-            json.dump(manifest, out, indent=1, sort_keys=True)
+            json.dump(json.loads(json.dumps(manifest)), out, indent=1, sort_keys=True)
             out.write("\n")
         try:
             os.link(tmp, path)
@@ -164,16 +230,4 @@ def check_or_create_manifest(path: str, manifest: Dict) -> None:
             pass
         finally:
             os.remove(tmp)
-    with open(path, encoding="utf-8") as f:
-        stored = json.load(f)
-    if stored != manifest:
-        diffs = [
-            f"  {key}: {stored.get(key, '(unset)')!r} in {path}, {manifest.get(key, '(unset)')!r} now"
-            for key in sorted(set(stored) | set(manifest))
-            if stored.get(key) != manifest.get(key)
-        ]
-        raise DistillDataError(
-            f"{path}: this split was started with different arguments:\n" + "\n".join(diffs)
-            + "\nResume with the same arguments, or write to a new --destdir (shards made with other settings "
-            "cannot be mixed)."
-        )
+    check_manifest(path, manifest)

@@ -19,6 +19,7 @@ from fairseq import utils
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_kd.distill_bitext.binarize import empty_binarized_files
 from fairseq_kd.distill_bitext.selection import Hypothesis
 from fairseq_kd.distill_bitext.shards import DistillDataError
 from fairseq_kd.teacher import Teacher
@@ -32,7 +33,13 @@ def load_split(data: str, split: str, source_lang: Optional[str], target_lang: O
                             train_subset="train", required_seq_len_multiple=1)
     try:
         task = TranslationTask.setup_task(cfg)
+        empty = empty_binarized_files(data, split, task.cfg.source_lang, task.cfg.target_lang)
+        if empty:
+            raise DistillDataError(f"split {split!r} of {data} has no sentences ({empty[0]} is empty); "
+                                   "pass a split that has some (--split)")
         task.load_dataset(split, combine=False)
+    except DistillDataError:
+        raise
     except Exception as e:  # FileNotFoundError for a missing split, plain Exception for an unknown pair
         raise DistillDataError(f"cannot load split {split!r} from {data}: {e}") from e
     return task
@@ -79,6 +86,16 @@ class TeacherTranslator:
         self.max_source_positions = utils.resolve_max_positions(
             task.max_positions(), *[m.max_positions() for m in models]
         )[0]
+        too_long = np.flatnonzero(self.dataset.src_sizes > self.max_source_positions)
+        if len(too_long) and not skip_too_long:  # the whole split, before any shard is saved
+            raise self.too_long_error(too_long.tolist())
+
+    def too_long_error(self, ids: Sequence[int]) -> DistillDataError:
+        return DistillDataError(
+            f"{len(ids)} source sentences (ids {ids[:10]}) are longer than the teacher's "
+            f"{self.max_source_positions} positions; pass --skip-too-long to leave them out (counted "
+            "in the summary) or remove them from the data"
+        )
 
     def source_text(self, i: int) -> str:
         """Sentence ``i``'s source as the binarized data holds it (units of the source dictionary)."""
@@ -103,11 +120,7 @@ class TeacherTranslator:
         after each batch of ``n`` sentences."""
         too_long = [i for i in ids if self.dataset.src_sizes[i] > self.max_source_positions]
         if too_long and not self.skip_too_long:
-            raise DistillDataError(
-                f"{len(too_long)} source sentences (ids {too_long[:10]}) are longer than the teacher's "
-                f"{self.max_source_positions} positions; pass --skip-too-long to leave them out (counted "
-                "in the summary) or remove them from the data"
-            )
+            raise self.too_long_error(too_long)
         skip = set(too_long)
         hypotheses = {}
         tgt_dict = self.task.target_dictionary

@@ -62,10 +62,11 @@ TEACHER_PRECISIONS = ("auto", "fp16", "bf16")
 LOSS_TOLERANCES = {"same computation": 1e-6, "fp32": 1e-4, "half precision": 1e-2}
 DISTILL_TOP1_FLOOR = 0.8  # beam-5 top1 agreement, fp16 CUDA teacher against the fp32 CPU teacher
 CUDA_INSTALL_HINT = (
-    "install a CUDA build of torch into this environment first (make install pins the CPU build through "
-    "constraints-cpu.txt): PIP_CONSTRAINT= .venv/bin/pip install --force-reinstall 'torch==<the installed "
-    "version>' --index-url https://download.pytorch.org/whl/<your CUDA, e.g. cu128>; docs/performance.md, "
-    "section GPU. Without a GPU, run with --dry-run."
+    "this is torch's CPU build (make install pins it through constraints-cpu.txt) or no GPU is visible. Install "
+    "a CUDA build of torch first, e.g. in a new venv: pip install torch==2.13.0 --index-url "
+    "https://download.pytorch.org/whl/<the CUDA tag of your driver, e.g. cu128>, then pip install -e .[test] "
+    "without PIP_CONSTRAINT (docs/performance.md, section GPU); check with python -c 'import torch; "
+    "print(torch.cuda.is_available())'. Without a GPU, run with --dry-run."
 )
 
 
@@ -153,7 +154,7 @@ class Plan:
         return [sys.executable, *map(str, argv)]
 
     def internal(self, name, **kwargs) -> List[str]:
-        cmd = self.python(__file__, "--internal", name, "--workdir", self.w)
+        cmd = self.python(__file__, "--internal", name, "--workdir", self.w, "--cpu-threads", self.args.cpu_threads)
         cmd += ["--dry-run"] if self.dry else []
         return cmd + [f"--internal-arg={k}={v}" for k, v in kwargs.items()]
 

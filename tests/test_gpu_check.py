@@ -120,3 +120,14 @@ def test_a_failing_command_and_a_failed_expectation_are_reported_by_name(tmp_pat
     assert records["short"]["status"] == "failed" and records["short"]["error"] == "expected 50 updates, saw 7"
     assert records["fine"]["status"] == "ok" and records["fine"]["metrics"] == {"said": "ok"}
     assert (tmp_path / "logs" / "crashes.log").read_text().strip() == "RuntimeError: boom"
+
+
+def test_steps_past_the_whole_run_budget_are_skipped_by_name(tmp_path):
+    (tmp_path / "logs").mkdir()
+    plan = types.SimpleNamespace(w=tmp_path, dry=True)
+    steps = [gpu_check.Step("sleeps", "compare", [sys.executable, "-c", "import time; time.sleep(30)"]),
+             gpu_check.Step("next", "compare", [sys.executable, "-c", "print('ok')"])]
+    environment = {"name": "environment", "status": "ok", "seconds": 0}
+    records = {r["name"]: r for r in gpu_check.run_all(steps, plan, 1, 8, {"compare": 60}, environment)}
+    assert records["sleeps"]["status"] == "timeout" and records["sleeps"]["seconds"] < 20
+    assert records["next"]["status"] == "skipped" and "out of time" in records["next"]["error"]

@@ -43,7 +43,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -410,13 +409,12 @@ def run_all(steps: List[Step], plan: Plan, jobs: int, budget: float, timeouts: D
     records = {"environment": environment}
     deadline = time.perf_counter() + budget
     pending, running = list(steps), {}
-    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
             for step in list(pending):
                 bad = [d for d in ["environment", *step.deps] if d in records and records[d]["status"] != "ok"]
-                missing = [d for d in step.deps if d not in records and d not in {s.name for s in pending}
-                           and d not in running.values()]
+                missing = [d for d in step.deps if d not in records
+                           and d not in {s.name for s in pending} | {s.name for s in running.values()}]
                 if bad or missing:
                     pending.remove(step)
                     records[step.name] = {"name": step.name, "status": "skipped", "seconds": 0, "settings": step.settings,
@@ -450,8 +448,7 @@ def run_all(steps: List[Step], plan: Plan, jobs: int, budget: float, timeouts: D
                 except Exception:  # a bug of this script: name the step, keep going
                     record = {"name": step.name, "status": "failed", "seconds": 0, "settings": step.settings,
                               "error": f"gpu_check.py itself failed: {traceback.format_exc(limit=-1).strip()}"}
-                with lock:
-                    records[step.name] = record
+                records[step.name] = record
                 print(f"[{time.strftime('%H:%M:%S')}] {record['status']:7s} {step.name} ({record['seconds']} s)"
                       + (f": {record['error']}" if record.get("error") else ""), flush=True)
     return [records["environment"]] + [records[s.name] for s in steps if s.name in records]

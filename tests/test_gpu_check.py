@@ -110,15 +110,19 @@ def test_a_failing_command_and_a_failed_expectation_are_reported_by_name(tmp_pat
         gpu_check.Step("crashes", "compare", [sys.executable, "-c", "import sys; print('RuntimeError: boom'); sys.exit(3)"]),
         gpu_check.Step("after_crash", "compare", [sys.executable, "-c", "print('ok')"], deps=["crashes"]),
         gpu_check.Step("short", "compare", [sys.executable, "-c", "print(7)"], check=refuse),
-        gpu_check.Step("fine", "compare", [sys.executable, "-c", "print('ok')"], check=lambda output: {"said": output.strip()}),
+        gpu_check.Step("fine", "compare", [sys.executable, "-c", "import time; time.sleep(1); print('ok')"],
+                       check=lambda output: {"said": output.strip()}),
+        gpu_check.Step("after_fine", "compare", [sys.executable, "-c", "print('ok')"], deps=["fine"]),
     ]
     environment = {"name": "environment", "status": "ok", "seconds": 0}
     records = {r["name"]: r for r in gpu_check.run_all(steps, plan, 2, 60, {"compare": 30}, environment)}
     assert records["crashes"]["status"] == "failed"
     assert records["crashes"]["error"] == "exit status 3: RuntimeError: boom"
-    assert records["after_crash"]["status"] == "skipped" and "crashes" in records["after_crash"]["error"]
+    assert records["after_crash"]["status"] == "skipped"
+    assert records["after_crash"]["error"] == "needs crashes, which did not pass"
     assert records["short"]["status"] == "failed" and records["short"]["error"] == "expected 50 updates, saw 7"
     assert records["fine"]["status"] == "ok" and records["fine"]["metrics"] == {"said": "ok"}
+    assert records["after_fine"]["status"] == "ok"  # waited for a dependency that was still running
     assert (tmp_path / "logs" / "crashes.log").read_text().strip() == "RuntimeError: boom"
 
 

@@ -135,3 +135,36 @@ def test_steps_past_the_whole_run_budget_are_skipped_by_name(tmp_path):
     records = {r["name"]: r for r in gpu_check.run_all(steps, plan, 1, 8, {"compare": 60}, environment)}
     assert records["sleeps"]["status"] == "timeout" and records["sleeps"]["seconds"] < 20
     assert records["next"]["status"] == "skipped" and "out of time" in records["next"]["error"]
+
+
+def test_every_command_line_of_the_gpu_run_parses(tmp_path):
+    """The GPU run's command lines cannot run here; their flags are parsed by the programs' own parsers."""
+    import argparse
+
+    from fairseq import options
+
+    from fairseq_kd.cli import cache_teacher, distill_data
+
+    plan = gpu_check.Plan(argparse.Namespace(dry_run=False, workdir=str(tmp_path), cpu_threads=8), gpu_check.GPU_SIZES)
+    steps = {step.name: step for step in plan.steps()}
+    train = [s for name, s in steps.items() if name.startswith(("train_", "ddp_")) or name == "teacher"]
+    assert len(train) == 3 * 2 * 3 + 2 + 1 + 2 + 1
+    backends = {}
+    for step in train:
+        command = step.command
+        program = "fairseq_cli.train" if "fairseq_cli.train" in command else str(tmp_path / "ddp_launcher.py")
+        parsed = options.parse_args_and_arch(options.get_training_parser(), command[command.index(program) + 1:])
+        backends[step.name] = parsed.ddp_backend
+        assert not parsed.cpu and parsed.max_update == (gpu_check.GPU_SIZES.updates if step.name != "teacher"
+                                                        else gpu_check.GPU_SIZES.teacher_updates), step.name
+        student = step.settings.get("student")
+        assert (parsed.fp16, parsed.amp) == (student == "fp16" or step.name == "teacher", student == "amp"), step.name
+        if step.settings.get("teacher_precision"):
+            assert parsed.teacher_precision == step.settings["teacher_precision"], step.name
+    assert backends["ddp_word_kd"] == backends["ddp_hybrid_kd"] == "pytorch_ddp"
+    for name, module in (("distill_data", distill_data), ("cache_teacher", cache_teacher)):
+        command = steps[name].command
+        parsed = module.get_parser().parse_args(command[command.index(module.__name__) + 1:])
+        assert not parsed.cpu and parsed.teacher_path == str(plan.teacher), name
+    assert distill_data.get_parser().parse_args(steps["distill_data"].command[3:]).fp16
+    assert steps["throughput"].command[-1] == "--cuda" and steps["throughput"].exclusive

@@ -563,7 +563,7 @@ def main():
         return
     args.workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="gpu_check."))
     (Path(args.workdir) / "logs").mkdir(parents=True, exist_ok=True)
-    out = args.out or (os.path.join(args.workdir, "gpu_check.json") if args.dry_run else "benchmarks/results/gpu_check.json")
+    out = args.out or os.path.join(args.workdir if args.dry_run else REPO / "benchmarks" / "results", "gpu_check.json")
     if args.dry_run:
         args.cpu_threads = 1
     timeouts = dict(sizes.timeouts)

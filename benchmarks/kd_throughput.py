@@ -10,7 +10,10 @@ One run, the same data, student and batches for every configuration:
   cached   word_kd step from top-k teacher log-probs (k=8), no teacher in memory
 
 A step is forward + backward + Adam update. Each configuration runs in its own subprocess so that
-its peak resident memory (ru_maxrss) is its own; the script prints a table and writes JSON.
+its peak resident memory (ru_maxrss) is its own; the script prints a table and writes JSON. With
+``--cuda`` everything runs on the GPU (student in fp32, the teacher in its precision, fp16 in
+``auto``), steps are timed after ``torch.cuda.synchronize()`` and the peak memory is
+``torch.cuda.max_memory_allocated()`` (benchmarks/gpu_check.py runs it so).
 
     python benchmarks/kd_throughput.py --teacher T/checkpoint_best.pt --spm T/spm.model \
         --dict T/dict.txt --data data/multi30k --out benchmarks/results/kd_throughput.json
@@ -61,6 +64,8 @@ def parse_args():
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
     parser.add_argument("--topk", type=int, default=8, help="k of the cached configuration")
     parser.add_argument("--out", default="benchmarks/results/kd_throughput.json", help="JSON result file")
+    parser.add_argument("--cuda", action="store_true",
+                        help="run on the GPU; memory figures are then peak CUDA memory (max_memory_allocated)")
     parser.add_argument("--config", choices=CONFIGS + ["save_topk"], help=argparse.SUPPRESS)  # one configuration (subprocess)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -97,7 +102,7 @@ def build(args, workdir, config):
         criterion = ["--criterion", "word_kd", "--alpha", "0.5", "--temperature", "1"]
     precision = "fp32" if config.endswith("fp32") else "auto"
     argv = [workdir, "--task", "translation_distill", "-s", args.src, "-t", args.tgt, *STUDENT_ARCH, *criterion,
-            "--label-smoothing", "0.1", "--cpu", "--optimizer", "adam", "--lr", "5e-4"]
+            "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "5e-4"] + ([] if args.cuda else ["--cpu"])
     if config == "cached":
         argv += ["--teacher-cache", workdir]  # the batches carry the cached top-k, see save_topk
     elif not config.startswith("S"):
@@ -127,19 +132,44 @@ def build(args, workdir, config):
     return cfg, task, student, crit, batches[: args.warmup + args.batches]
 
 
+def device_of(args) -> torch.device:
+    """The device the benchmark runs on; refuses --cuda where torch sees no GPU."""
+    if not args.cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"kd_throughput.py: --cuda, but torch {torch.__version__} sees no CUDA device")
+    return torch.device("cuda")
+
+
+def on_device(batch, device):
+    from fairseq import utils
+
+    return utils.move_to_cuda(batch, device=device) if device.type == "cuda" else batch
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_key(args) -> str:
+    """The result field the memory budget is checked on: peak CUDA memory on the GPU, else peak RSS."""
+    return "peak_cuda_mb" if args.cuda else "peak_rss_mb"
+
+
 def save_topk(args, workdir):
     """Run the teacher once over the batches and save its top-k (ids, log-probs at T=1, the
     log-probs rounded to fp16 as a cache stores them), as fairseq-kd-cache-teacher would."""
     from fairseq_kd import losses
 
     _, task, _, _, batches = build(args, workdir, "F_fp32")
-    teacher = task.teacher(torch.device("cpu"))
+    device = device_of(args)
+    teacher = task.teacher(device)
     topk = []
     for b in batches:
-        ni = b["net_input"]
+        ni = on_device(b, device)["net_input"]
         lprobs = losses.teacher_log_probs(teacher.logits(ni["src_tokens"], ni["src_lengths"], ni["prev_output_tokens"]), 1.0)
         top = lprobs.topk(args.topk, dim=-1)
-        topk.append((top.indices, top.values.half()))  # as a --teacher-cache batch holds them
+        topk.append((top.indices.cpu(), top.values.half().cpu()))  # as a --teacher-cache batch holds them
     torch.save(topk, os.path.join(workdir, "topk.pt"))
 
 
@@ -148,14 +178,20 @@ def run_config(args):
     torch.set_num_threads(args.threads)
     config, workdir = args.config, args.workdir
     cfg, task, student, crit, batches = build(args, workdir, config)
+    device = device_of(args)
     if config == "cached":  # the batches carry the teacher, no teacher in memory
         for batch, (ids, lprobs) in zip(batches, torch.load(os.path.join(workdir, "topk.pt"))):
             batch["teacher_topk_ids"], batch["teacher_topk_lprobs"] = ids, lprobs
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    batches = [on_device(batch, device) for batch in batches]
+    student.to(device)
+    crit.to(device)
+    base_rss = peak_rss_mb()
     optimizer = torch.optim.Adam(student.parameters(), lr=5e-4)
-    teacher = task.teacher(torch.device("cpu")) if config.startswith("F") else None
+    teacher = task.teacher(device) if config.startswith("F") else None
     times, tokens = [], 0
     for i, batch in enumerate(batches):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         if teacher is not None:
             ni = batch["net_input"]
@@ -166,15 +202,17 @@ def run_config(args):
             loss, _, _ = crit(student, batch)
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         if i >= args.warmup:
             times.append(elapsed)
             tokens += batch["ntokens"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     loaded = teacher or getattr(task, "_teacher", None)
     print(json.dumps({
         "config": config, "step_s": sum(times) / len(times), "tokens_per_s": tokens / sum(times),
-        "peak_rss_mb": peak / 1024, "rss_before_steps_mb": base_rss / 1024,
+        "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": base_rss, "device": str(device),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "precision": getattr(loaded, "resolved_precision", None),
         "teacher_weights_mb": sum(p.numel() * p.element_size() for m in loaded.models for p in m.parameters()) / 2**20
         if loaded is not None else None,
@@ -199,7 +237,8 @@ def main():
             cmd = [sys.executable, __file__, *sys.argv[1:], "--config", config, "--workdir", workdir]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
             results[config] = json.loads(out.strip().splitlines()[-1])
-            print(f"{config:12s} {results[config]['step_s'] * 1000:8.1f} ms/step  peak RSS {results[config]['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"{config:12s} {results[config]['step_s'] * 1000:8.1f} ms/step  {peak_memory_key(args)} "
+                  f"{results[config][peak_memory_key(args)]:.0f}", flush=True)
     s, f_fp32, f_auto = results["S"]["step_s"], results["F_fp32"]["step_s"], results["F_auto"]["step_s"]
     ratios = {
         "online_fp32 / (S + F_fp32)": results["online_fp32"]["step_s"] / (s + f_fp32),
@@ -213,10 +252,11 @@ def main():
     }
     # online peak memory target: the student-only peak + the teacher's weights + one batch of the
     # teacher's distribution (float32, the largest batch)
+    peak = peak_memory_key(args)
     memory = {
         config: {
-            "peak_rss_mb": results[config]["peak_rss_mb"],
-            "budget_mb": results["S"]["peak_rss_mb"] + results[config]["teacher_weights_mb"]
+            peak: results[config][peak],
+            "budget_mb": results["S"][peak] + results[config]["teacher_weights_mb"]
             + results[config]["teacher_distribution_mb"],
         }
         for config in ("online_fp32", "online_auto")
@@ -226,7 +266,7 @@ def main():
         print(f"  {name:28s} {value:.3f}")
     print("online peak memory (target: <= S peak + teacher weights + one batch of teacher distribution):")
     for config, m in memory.items():
-        print(f"  {config:12s} {m['peak_rss_mb']:.0f} MB, budget {m['budget_mb']:.0f} MB")
+        print(f"  {config:12s} {m[peak]:.0f} MB, budget {m['budget_mb']:.0f} MB")
     write_summary(args, ("config", "workdir"), results=results, ratios=ratios, online_memory=memory)
 
 
@@ -234,7 +274,8 @@ def write_summary(args, internal_arguments, **parts) -> None:
     """Write args.out: the machine, the settings (all arguments but ``internal_arguments``), ``parts``."""
     summary = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    **({"gpu": torch.cuda.get_device_name()} if getattr(args, "cuda", False) else {})},
         "settings": {k: v for k, v in vars(args).items() if k not in internal_arguments},
         **parts,
     }

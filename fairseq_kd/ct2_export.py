@@ -151,17 +151,19 @@ def _load_dictionaries(data_dir: str, source_lang: Optional[str], target_lang: O
         ) from e
 
 
-def _check_vocabulary(checkpoint: str, args: argparse.Namespace, state: dict, task, dict_dir: Optional[str]) -> None:
-    """The checkpoint's own dictionaries, where they can be found, must equal ``task``'s: the
-    converter pairs the model's embedding rows with ``data_dir``'s symbols by index."""
+def _check_vocabulary(checkpoint: str, args: argparse.Namespace, state: dict, task, dict_dir: Optional[str],
+                      required: bool) -> None:
+    """The checkpoint's own dictionaries, where they can be found (or always, when ``required``),
+    must equal ``task``'s: the converter pairs the model's embedding rows with ``data_dir``'s
+    symbols by index, so another vocabulary of the same size would translate garbage silently."""
     from fairseq_kd.teacher import check_teacher_dictionaries, find_teacher_dictionary_dir
 
     trained_on = ((state.get("cfg") or {}).get("task") or {}).get("data") or getattr(args, "data", None)
     try:
         directory = find_teacher_dictionary_dir(checkpoint, trained_on, dict_dir)
-    except FileNotFoundError:
-        if dict_dir:
-            raise UserError(f"--dict-dir {dict_dir} holds no dict.*.txt") from None
+    except FileNotFoundError as e:
+        if dict_dir or required:
+            raise UserError(str(e)) from None
         logger.warning(f"the dictionaries {checkpoint} was trained with were not found (next to it or in "
                        f"{trained_on}); using DATA's unchecked (pass --dict-dir to check them)")
         return
@@ -220,6 +222,7 @@ def export(
     copy_files: Sequence[str] = (),
     dict_dir: Optional[str] = None,
     replace: bool = True,
+    require_dictionaries: bool = False,
 ) -> Dict:
     """Convert ``checkpoint`` to a CTranslate2 model in ``output_dir`` and return its record.
 
@@ -237,6 +240,8 @@ def export(
             (default: next to the checkpoint, then the data directory it was trained on).
         replace: when ``output_dir`` became an export while this one ran (another process), keep
             that one (False) instead of replacing it.
+        require_dictionaries: refuse (instead of a warning) when the checkpoint's training
+            dictionaries cannot be found to check ``data_dir``'s against.
     """
     ctranslate2 = require_ctranslate2()
     if quantization not in QUANTIZATIONS:
@@ -257,7 +262,7 @@ def export(
     check_supported(args, checkpoint)
     task = _load_dictionaries(data_dir, source_lang or getattr(args, "source_lang", None),
                               target_lang or getattr(args, "target_lang", None))
-    _check_vocabulary(checkpoint, args, state, task, dict_dir)
+    _check_vocabulary(checkpoint, args, state, task, dict_dir, require_dictionaries)
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)

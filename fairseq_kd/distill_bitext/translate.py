@@ -52,6 +52,13 @@ def load_teacher_models(task, teacher_path: str, fp16: bool, device: torch.devic
         teacher.to(device)
     except (FileNotFoundError, ValueError) as e:
         raise DistillDataError(str(e)) from e
+    # Teacher freezes its parameters (requires_grad False). On CPU with torch 2.13, F.linear on a 3-D
+    # input is several times slower with such a weight than with one that requires grad (measured:
+    # 320x1x256 @ 8000x256, 1 thread, 270 ms vs 40 ms; 2-D inputs are not affected), and every linear
+    # layer of the decoder gets a 3-D input: beam search ran at half fairseq-generate's speed.
+    # Generation runs under torch.no_grad (task.inference_step), so no graph is built either way.
+    for model in teacher.models:
+        model.requires_grad_(True)
     return teacher.models
 
 

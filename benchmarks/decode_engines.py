@@ -5,7 +5,8 @@ One run, the same sentences, the same thread count, one after the other:
   (b) fairseq-kd-distill-data --engine fairseq
   (c) fairseq-kd-distill-data --engine ctranslate2 --ct2-quantization float32
   (d) the same with int8
-For (b)-(d) the rate is distill-data's own "translated N sentences in Xs" line, which starts after
+The steps run in --repeats interleaved rounds; each rate is the best round's. For (b)-(d) the
+rate is distill-data's own "translated N sentences in Xs" line, which starts after
 the teacher is loaded (or converted) and includes collation, selection and writing the shards; the
 conversion to CTranslate2 is timed separately (fairseq-kd-export-ct2, a whole process). Every
 output is detokenized with the sentencepiece model and scored against the gold with sacreBLEU.
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,9 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every engine (OMP_NUM_THREADS)")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch, every engine")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds over the four steps, interleaved (a, b, c, d, a, b, ...); the rate is the best "
+                        "round's, the least disturbed by other load on a shared machine; every round is recorded")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "decode_engines.json"))
     return parser.parse_args()
 
@@ -99,6 +104,8 @@ def fairseq_generate(args, work, env):
 
 def distill_data(args, work, env, name, *engine):
     destdir = os.path.join(work, name)
+    if os.path.isdir(destdir):  # an earlier round's output: translate again from scratch
+        shutil.rmtree(destdir)
     out, wall = run([os.path.join(BIN, "fairseq-kd-distill-data"), os.path.join(work, "bin"), "--teacher-path",
                      args.teacher, "--split", "test", "--destdir", destdir, "--beam", args.beam, "--batch-size",
                      args.batch_size, "--cpu", "--copy-splits", "", *engine], env)
@@ -124,14 +131,23 @@ def main():
             ("distill-data --engine ctranslate2 int8",
              lambda: distill_data(args, work, env, "ct2-int8", "--engine", "ctranslate2", "--ct2-quantization", "int8")),
         ]
-        for name, step in steps:
-            load_before = os.getloadavg()[0]
-            hypotheses, seconds, wall = step()
-            rows.append({"engine": name, "sentences": args.sentences, "decode_seconds": round(seconds, 2),
-                         "sentences_per_second": round(args.sentences / seconds, 1),
-                         "process_wall_seconds": round(wall, 1), "bleu": bleu(spm, hypotheses, references),
-                         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
-            print(json.dumps(rows[-1]), flush=True)
+        for round_ in range(args.repeats):
+            for k, (name, step) in enumerate(steps):
+                load_before = os.getloadavg()[0]
+                hypotheses, seconds, wall = step()
+                if round_ == 0:
+                    rows.append({"engine": name, "sentences": args.sentences, "decode_seconds": [],
+                                 "process_wall_seconds": [], "load_average_1min": [],
+                                 "bleu": bleu(spm, hypotheses, references), "hypotheses": hypotheses})
+                row = rows[k]
+                row["same_output_every_round"] = hypotheses == row["hypotheses"]
+                row["decode_seconds"].append(round(seconds, 2))
+                row["process_wall_seconds"].append(round(wall, 1))
+                row["load_average_1min"].append([round(load_before, 2), round(os.getloadavg()[0], 2)])
+                print(json.dumps({key: v for key, v in row.items() if key != "hypotheses"}), flush=True)
+        for row in rows:
+            del row["hypotheses"]
+            row["sentences_per_second"] = round(args.sentences / min(row["decode_seconds"]), 1)
         conversions = {}
         for quantization in ("float32", "int8"):
             _, wall = run([os.path.join(BIN, "fairseq-kd-export-ct2"), args.teacher, os.path.join(work, "bin"),
@@ -150,7 +166,7 @@ def main():
         "command": " ".join(sys.argv),
         "teacher": os.path.abspath(args.teacher),
         "data": f"{args.raw_data}/{args.prefix}.{args.source_lang}-{args.target_lang}, first {args.sentences}",
-        "threads": args.threads, "beam": args.beam, "batch_size": args.batch_size,
+        "threads": args.threads, "beam": args.beam, "batch_size": args.batch_size, "repeats": args.repeats,
         "rows": rows,
         "conversion_process_wall_seconds": conversions,
         "targets": {
@@ -171,10 +187,10 @@ def main():
         f.write("\n")
     os.replace(tmp, args.out)
 
-    print(f"\n{'engine':45} {'sent/s':>8} {'x generate':>10} {'BLEU':>6} {'decode s':>9} {'wall s':>7}  load")
+    print(f"\n{'engine':45} {'sent/s':>7} {'x generate':>10} {'BLEU':>6}  decode s (rounds)  load average")
     for r in rows:
-        print(f"{r['engine']:45} {r['sentences_per_second']:8.1f} {r['speed_vs_fairseq_generate']:10.2f} "
-              f"{r['bleu']:6.2f} {r['decode_seconds']:9.2f} {r['process_wall_seconds']:7.1f}  {r['load_average_1min']}")
+        print(f"{r['engine']:45} {r['sentences_per_second']:7.1f} {r['speed_vs_fairseq_generate']:10.2f} "
+              f"{r['bleu']:6.2f}  {r['decode_seconds']}  {r['load_average_1min']}")
     print(f"conversion (fairseq-kd-export-ct2, whole process): {conversions}")
     print(f"targets: {result['targets']}\nwrote {args.out}")
 

@@ -5,7 +5,9 @@ ensemble, settings CTranslate2 cannot reproduce)."""
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -102,6 +104,26 @@ def test_resume_reuses_the_teacher_and_refuses_other_engines(greedy_runs, tiny_d
         assert "this split was started with different arguments" in err and "engine: {'name': 'ctranslate2'" in err
         assert stored_now in err
     assert model.stat().st_mtime_ns == converted_at
+
+
+def test_workers_starting_together_share_one_conversion(greedy_runs, tiny_data, tiny_teacher, tmp_path):
+    # started together, both workers usually find no converted teacher and convert it; the second to
+    # finish keeps the first's (never renames a directory away under a worker that may be loading it)
+    destdir = tmp_path / "workers"
+    procs = [
+        subprocess.Popen(
+            [cli("fairseq-kd-distill-data"), str(tiny_data / "bin"), "--teacher-path", str(tiny_teacher), "--split",
+             "test", "--destdir", str(destdir), "--batch-size", "4", "--shard-size", str(SHARD_SIZE), "--cpu",
+             "--beam", "1", "--engine", "ctranslate2", "--num-workers", "2", "--worker-id", str(i)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert outputs(destdir) == outputs(greedy_runs[0] / "fairseq")
+    assert sorted(p.name for p in destdir.iterdir() if "ct2-teacher" in p.name) == ["test.kd.ct2-teacher"]
+    assert json.loads((destdir / "test.kd.ct2-teacher" / "export.json").read_text())["quantization"] == "float32"
 
 
 @pytest.mark.parametrize("extra, message", [

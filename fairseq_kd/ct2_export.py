@@ -9,10 +9,10 @@ converter's command line does not do:
 * **Safe loading.** The checkpoint is read with torch's ``weights_only`` unpickler; importing this
   plugin puts exactly the classes fairseq checkpoints hold on its allow-list
   (:mod:`fairseq_kd.safe_load`), so ``--unsafe_deserialization`` is never needed.
-* **The student's task is plain translation.** A student trained with ``translation_distill``
-  records its teacher (and data options) in its config; the converter rebuilds the task from that
-  config and would load the teacher. The converter is given a copy of the checkpoint's model
-  weights and config with the task set to ``translation``.
+* **The converter sees a plain translation model.** It rebuilds the task named in the
+  checkpoint's config; it is given a copy of the weights and config with the task set to
+  ``translation`` and the languages resolved, so that the options of a ``translation_distill``
+  student (teacher, kd-data, cache) play no part and no optimizer state is read again.
 * **Supported options are checked first**, with a message naming the option that breaks the
   conversion (the converter either fails deep inside or, for some options, would silently write a
   model that decodes differently).
@@ -304,10 +304,10 @@ def export(
 def _convert(state: dict, args: argparse.Namespace, task, tmp: str, quantization: str, ctranslate2) -> None:
     """Run CTranslate2's FairseqConverter into the new directory ``tmp``.
 
-    The converter reads the checkpoint file itself and rebuilds the model's task from its config.
-    It is given a copy holding only the weights and the config with ``task=translation`` and the
-    resolved languages, so that a ``translation_distill`` student's teacher is not loaded (the copy
-    is written inside ``tmp`` and removed before ``tmp`` is installed)."""
+    The converter reads the checkpoint file itself and rebuilds the task named in its config. It is
+    given a copy holding only the weights and the config with ``task=translation`` and the resolved
+    languages (dictionaries are all it needs), written inside ``tmp`` and removed before ``tmp`` is
+    installed."""
     from ctranslate2.converters.fairseq import FairseqConverter
 
     os.makedirs(tmp)

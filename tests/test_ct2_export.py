@@ -110,6 +110,20 @@ def test_int8_export_is_smaller_and_translates(float32_export, tiny_data, tiny_t
     assert sum(a == b for a, b in zip(int8, float32)) >= 0.9 * N_TEST
 
 
+def test_distill_student_converts_without_its_teacher(float32_export, tiny_data, tiny_teacher, tmp_path):
+    # a student trained with translation_distill names the plugin's task, its teacher (here a file
+    # that is gone) and its initialisation in its config: the export is the same model
+    state = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**vars(state["cfg"]["model"]))
+    args.task, args.teacher_path = "translation_distill", str(tmp_path / "gone" / "teacher.pt")
+    args.student_init = "spread"
+    student = tmp_path / "student" / "checkpoint_best.pt"
+    student.parent.mkdir()
+    torch.save({**state, "cfg": {**state["cfg"], "model": args}}, student)
+    export_cli(student, tiny_data / "bin", "--quantization", "float32", "--output-dir", tmp_path / "out")
+    assert (tmp_path / "out" / "model.bin").read_bytes() == (float32_export / "model.bin").read_bytes()
+
+
 def test_refuses_unsupported_options(tiny_data, tiny_teacher, tmp_path, capsys):
     state = torch.load(tiny_teacher, map_location="cpu", weights_only=True)
     cases = {

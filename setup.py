@@ -24,14 +24,21 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece",
     ],
-    # matplotlib draws the recipes' BLEU-vs-parameters plot (the recipe test runs every recipe)
-    extras_require={"test": ["pytest", "matplotlib>=3.5"], "recipes": ["matplotlib>=3.5"]},
+    # matplotlib draws the recipes' BLEU-vs-parameters plot (the recipe test runs every recipe);
+    # ctranslate2 runs fairseq-kd-export-ct2 and the CTranslate2 teacher engine of distill-data (and
+    # the recipes measure the exported students' speed with it)
+    extras_require={
+        "ct2": ["ctranslate2>=4.5"],
+        "test": ["pytest", "matplotlib>=3.5", "ctranslate2>=4.5"],
+        "recipes": ["matplotlib>=3.5", "ctranslate2>=4.5"],
+    },
     entry_points={
         "console_scripts": [
             "fairseq-kd-user-dir=fairseq_kd.cli.user_dir:main",
             "fairseq-kd-distill-data=fairseq_kd.cli.distill_data:main",
             "fairseq-kd-init-student=fairseq_kd.cli.init_student:main",
             "fairseq-kd-cache-teacher=fairseq_kd.cli.cache_teacher:main",
+            "fairseq-kd-export-ct2=fairseq_kd.cli.export_ct2:main",
         ],
     },
 )

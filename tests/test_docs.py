@@ -10,12 +10,13 @@ from fairseq.tasks import TASK_DATACLASS_REGISTRY
 from fairseq.tasks.translation import TranslationConfig
 
 import fairseq_kd  # noqa: F401  (registers the criterions and the task)
-from fairseq_kd.cli import cache_teacher, distill_data, init_student
+from fairseq_kd.cli import cache_teacher, distill_data, export_ct2, init_student
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 CRITERION_PAGES = {"word_kd": "word-kd.md", "seq_kd_interp": "seq-kd.md", "hybrid_kd": "seq-kd.md",
                    "triple_loss": "triple-loss.md"}
-TOOL_PAGES = [(cache_teacher, "teacher-cache.md"), (distill_data, "distill-data.md"), (init_student, "student-init.md")]
+TOOL_PAGES = [(cache_teacher, "teacher-cache.md"), (distill_data, "distill-data.md"), (init_student, "student-init.md"),
+              (export_ct2, "export-ct2.md")]
 
 
 def page(name: str) -> str:

@@ -23,6 +23,8 @@ from fairseq.dataclass.configs import GenerationConfig
 
 import fairseq_kd  # noqa: F401  (safe loading of fairseq checkpoints)
 from fairseq_kd.cli.errors import run_command, setup_logging
+from fairseq_kd.ct2_export import QUANTIZATIONS
+from fairseq_kd.distill_bitext import ct2_engine
 from fairseq_kd.distill_bitext.filters import FILTER_NAMES, FilterConfig
 from fairseq_kd.distill_bitext.merge import merge
 from fairseq_kd.distill_bitext.selection import METRICS, SUBWORD_SCHEMES, Selection, parse_selection, select
@@ -36,7 +38,7 @@ from fairseq_kd.distill_bitext.shards import (
     split_state_path,
     worker_shards,
 )
-from fairseq_kd.distill_bitext.translate import TeacherTranslator, load_split, load_teacher_models
+from fairseq_kd.distill_bitext.translate import SplitTranslator, TeacherTranslator, load_split, load_teacher_models
 from fairseq_kd.fileio import teacher_files
 
 logger = logging.getLogger("fairseq_kd.cli.distill_data")
@@ -80,6 +82,14 @@ def get_parser() -> argparse.ArgumentParser:
     gen.add_argument("--unkpen", type=float, default=0, help="unknown-word penalty (> 0 discourages <unk>)")
     gen.add_argument("--max-tokens", type=int, default=12000, help="maximum tokens in a batch")
     gen.add_argument("--batch-size", type=int, default=None, help="maximum sentences in a batch")
+    gen.add_argument("--engine", choices=ct2_engine.ENGINES, default="fairseq",
+                     help="fairseq: fairseq's SequenceGenerator; ctranslate2: the teacher converted once to "
+                     "CTranslate2 (in DESTDIR/SPLIT.kd.ct2-teacher; needs pip install -e .[ct2]), same batches, "
+                     "shards and selection, several times faster on CPU; one teacher, no --unkpen, --min-len 1 "
+                     "unless --beam 1 (docs/distill-data.md)")
+    gen.add_argument("--ct2-quantization", choices=QUANTIZATIONS, default="float32",
+                     help="weights of the CTranslate2 teacher: float32 gives fairseq's translations; int16/int8 "
+                     "are faster on CPU and change some of them")
 
     sel = parser.add_argument_group("selection")
     sel.add_argument("--select", type=parse_selection, default=Selection("top1"), metavar="{top1,closest,nbest-K}",
@@ -156,9 +166,10 @@ def filter_config(args) -> FilterConfig:
     return cfg
 
 
-def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterConfig) -> dict:
+def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterConfig, engine: dict) -> dict:
     """Everything that determines the output, for ``SPLIT.kd.args.json``; not the worker split,
-    the merge mode, the device or logging, which change where and how, not what."""
+    the merge mode, the device or logging, which change where and how, not what. ``engine``:
+    :func:`ct2_engine.engine_record`."""
     return {
         "format": 2,
         "data": os.path.abspath(args.data),
@@ -177,6 +188,7 @@ def build_manifest(args, task, num_sentences: int, nbest: int, filters: FilterCo
         "shard_size": args.shard_size,
         "skip_too_long": args.skip_too_long,
         "copy_splits": split_list(args.copy_splits),
+        "engine": engine,
     }
 
 
@@ -217,7 +229,7 @@ class Progress:
         return self.done / max(self.elapsed(), 1e-9)
 
 
-def translate_shard(translator: TeacherTranslator, ids: range, args, progress: Progress) -> List[SentenceRecord]:
+def translate_shard(translator: SplitTranslator, ids: range, args, progress: Progress) -> List[SentenceRecord]:
     """One record per sentence of ``ids``: its source text and the selected hypotheses."""
     nbest, too_long = translator.translate(ids, on_batch=progress.update)
     too_long = set(too_long)
@@ -238,16 +250,22 @@ def translate_shard(translator: TeacherTranslator, ids: range, args, progress: P
     return records
 
 
-def translate_shards(args, task, layout: ShardLayout, shards: Sequence[int], nbest: int, use_cuda: bool) -> Progress:
+def translate_shards(args, task, layout: ShardLayout, shards: Sequence[int], nbest: int, use_cuda: bool,
+                     engine: dict) -> Progress:
     """Load the teacher, translate ``shards`` and save each as soon as it is done."""
-    device = torch.device("cuda") if use_cuda else torch.device("cpu")
-    models = load_teacher_models(task, args.teacher_path, args.fp16, device, args.teacher_dict_dir)
-    gen_cfg = GenerationConfig(beam=args.beam, nbest=nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-                               min_len=args.min_len, lenpen=args.lenpen, unkpen=args.unkpen)
-    translator = TeacherTranslator(task, args.split, models, gen_cfg, args.max_tokens, args.batch_size, device,
-                                   skip_too_long=args.skip_too_long)
-    logger.info(f"teacher: {len(models)} model(s) on {device}{' in fp16' if args.fp16 else ''}, beam {args.beam}, "
-                f"nbest {nbest}, select {args.select}")
+    if engine["name"] == "ctranslate2":
+        translator = ct2_engine.build_translator(args, task, nbest, use_cuda, engine)
+        logger.info(f"teacher: CTranslate2 ({engine['quantization']}) on {translator.device}, "
+                    f"{torch.get_num_threads()} threads, beam {args.beam}, nbest {nbest}, select {args.select}")
+    else:
+        device = torch.device("cuda") if use_cuda else torch.device("cpu")
+        models = load_teacher_models(task, args.teacher_path, args.fp16, device, args.teacher_dict_dir)
+        gen_cfg = GenerationConfig(beam=args.beam, nbest=nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+                                   min_len=args.min_len, lenpen=args.lenpen, unkpen=args.unkpen)
+        translator = TeacherTranslator(task, args.split, models, gen_cfg, args.max_tokens, args.batch_size, device,
+                                       skip_too_long=args.skip_too_long)
+        logger.info(f"teacher: {len(models)} model(s) on {device}{' in fp16' if args.fp16 else ''}, "
+                    f"beam {args.beam}, nbest {nbest}, select {args.select}")
     progress = Progress(sum(len(layout.ranges[k]) for k in shards), args.log_interval)
     for k in shards:
         layout.write(k, translate_shard(translator, layout.ranges[k], args, progress))
@@ -261,6 +279,7 @@ def run(args) -> Optional[dict]:
     start = time.time()
     nbest = resolve_nbest(args)
     filters = filter_config(args)
+    engine = ct2_engine.engine_record(args, nbest)
     if os.path.realpath(args.destdir) == os.path.realpath(args.data):
         raise DistillDataError("--destdir must differ from DATA: the outputs would overwrite its binarized splits")
     use_cuda = torch.cuda.is_available() and not args.cpu
@@ -274,7 +293,7 @@ def run(args) -> Optional[dict]:
         raise DistillDataError(f"--select closest needs references, but split {args.split!r} has no target side")
     src, tgt = task.cfg.source_lang, task.cfg.target_lang
     check_destdir(args.destdir, args.data, (src, tgt))
-    manifest = build_manifest(args, task, num_sentences, nbest, filters)
+    manifest = build_manifest(args, task, num_sentences, nbest, filters, engine)
     check_manifest(split_state_path(args.destdir, args.split, "args.json"), manifest)
     layout = ShardLayout(args.destdir, args.split, num_sentences, args.shard_size, args.select.k, manifest)
     mine = worker_shards(len(layout), args.num_workers, args.worker_id)
@@ -285,7 +304,7 @@ def run(args) -> Optional[dict]:
     )
 
     if todo:
-        progress = translate_shards(args, task, layout, todo, nbest, use_cuda)
+        progress = translate_shards(args, task, layout, todo, nbest, use_cuda, engine)
         logger.info(
             f"worker {args.worker_id}/{args.num_workers}: translated {len(todo)} shards, {progress.done} sentences "
             f"in {progress.elapsed():.1f}s ({progress.rate():.1f} sentences/s); {len(mine) - len(todo)} of its "

@@ -160,7 +160,9 @@ def check_destdir(destdir: str, data: str, langs: Sequence[str]) -> None:
     overwrite), or one whose dictionaries, copied there by an earlier split, differ from ``data``'s."""
     if not os.path.isdir(destdir):
         return
-    entries = sorted(name for name in os.listdir(destdir) if not is_temporary(name))
+    # a teacher converted by --engine ctranslate2 is written before the run's args are recorded
+    entries = sorted(name for name in os.listdir(destdir)
+                     if not is_temporary(name) and not os.path.isfile(os.path.join(destdir, name, "export.json")))
     if entries and not glob.glob(os.path.join(glob.escape(destdir), "*.kd.args.json")):
         raise DistillDataError(
             f"--destdir {destdir} is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}) and "

@@ -89,6 +89,9 @@ def test_table_and_plot_have_every_student(recipes, name):
     for group_name, group in results["models"].items():
         assert group["parameters"] > 0
         assert set(group["speed"]) == {"1", "64"}, group_name
+        assert set(group["ct2_speed"]) == {"1", "64"}, group_name  # the same model as CTranslate2 int8
+        assert all(speed > 0 for speed in group["ct2_speed"].values())
+        assert 0 <= group["ct2_bleu"] <= 100
         assert len(group["runs"]) == (1 if group_name == "teacher" else seeds)
         for test in TESTS:
             bleu = group["bleu"][test]
@@ -100,6 +103,10 @@ def test_table_and_plot_have_every_student(recipes, name):
                 assert bleu["std"] is None and f"{bleu['mean']:.2f}" in table
             if group_name not in ("teacher", group["baseline"]):
                 assert 0 < group["p_value"][test] <= 1
+                baseline = results["models"][group["baseline"]]["bleu"][test]["mean"]
+                lead = results["models"]["teacher"]["bleu"][test]["mean"] - baseline
+                expected = (bleu["mean"] - baseline) / lead if lead > 0 else None
+                assert group["gap_closed"][test] == (pytest.approx(expected) if lead > 0 else None)
     teacher = results["models"]["teacher"]["parameters"]
     assert all(results["models"][s]["compression"] == round(teacher / results["models"][s]["parameters"], 2)
                for s in students)

@@ -19,3 +19,20 @@ def test_labels_of_close_points_are_pushed_apart_in_value_order():
 
 def test_labels_far_apart_stay_at_their_points():
     assert report.label_heights([1.0, 3.0, 2.0], gap=0.5) == [1.0, 3.0, 2.0]
+
+
+def test_gap_closed_is_the_share_of_the_teachers_lead():
+    # teacher 30, baseline 20, student 27.5: it recovers 7.5 of the 10 points, 75%; a student below
+    # its baseline closes a negative share
+    assert report.gap_closed(30.0, 20.0, 27.5) == pytest.approx(0.75)
+    assert report.gap_closed(30.0, 20.0, 18.0) == pytest.approx(-0.2)
+
+
+def test_gap_closed_is_undefined_without_a_lead():
+    assert report.gap_closed(20.0, 20.0, 21.0) is None
+    assert report.gap_closed(19.0, 20.0, 21.0) is None
+
+
+def test_speed_up_is_against_the_teachers_fairseq_speed():
+    assert report.speed_up_cell({"1": 150.0}, {"1": 30.0}, "1") == "5.0x"
+    assert report.speed_up_cell({}, {"1": 30.0}, "1") == "n/a"

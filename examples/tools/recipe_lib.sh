@@ -20,6 +20,7 @@
 #   JOBS       steps run at once (default 1): independent steps (the students, their translations)
 #              side by side, each with THREADS threads; e.g. JOBS=2 THREADS=1 on 2 cores
 #   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
+#   SPEED_BATCH, SPEED_THREADS  the speed step's larger batch (default 64) and threads (default 1)
 #   RESULTS    directory of the results table and plot (default: docs/results at full scale,
 #              WORK at tiny scale)
 #   TRAIN_FLAGS  extra fairseq-train flags for every model, e.g. "--fp16 --update-freq 4" on GPUs
@@ -68,6 +69,8 @@ recipe_begin() {
         BEAM=${BEAM:-5} LARGE_BATCH=${LARGE_BATCH:-128}
         GEN_LIMITS=()
     fi
+    # decoding speed: batch 1 and SPEED_BATCH sentences, on SPEED_THREADS threads in both engines
+    SPEED_BATCH=${SPEED_BATCH:-64} SPEED_THREADS=${SPEED_THREADS:-1}
     export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
     mkdir -p "$WORK"
     PLAN=$WORK/plan.tsv
@@ -253,14 +256,16 @@ _students() {
 }
 
 # run_recipe TITLE: add the speed measurement (teacher and each method's first seed, batch 1 and
-# LARGE_BATCH, one step so that all are measured in the same run) and the report (BLEU with
-# signatures, paired bootstrap against each student's baseline, parameters, speed:
+# SPEED_BATCH, SPEED_THREADS threads, in fairseq and exported to CTranslate2 int8 with that model's
+# BLEU, one step so that all are measured in the same run) and the report (BLEU with signatures,
+# paired bootstrap against each student's baseline, share of the teacher's lead closed, parameters, speed:
 # RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
 run_recipe() {
     local title=$1
     step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
-        --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$LARGE_BATCH" "${GEN_LIMITS[@]}" \
-        --out "$WORK/speed.json.partial"
+        --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$SPEED_BATCH" "${GEN_LIMITS[@]}" \
+        --threads "$SPEED_THREADS" --bleu-subset test --bleu-reference "$WORK/raw/${TEST_NAMES[0]}.$TGT" \
+        --spm "$SPM" --out "$WORK/speed.json.partial"
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
         --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json"

@@ -109,8 +109,21 @@ def summarise(groups, tests, speed):
             std = statistics.stdev(scores) if len(scores) > 1 else None
             group["bleu"][test] = {"mean": statistics.mean(scores), "std": std, "seeds": scores}
         group["speed"] = speed["sentences_per_second"].get(group["runs"][0]["name"], {})
-    for group in groups.values():
+        ct2 = speed.get("ct2", {})
+        group["ct2_speed"] = ct2.get("sentences_per_second", {}).get(group["runs"][0]["name"], {})
+        group["ct2_bleu"] = ct2.get("bleu", {}).get(group["runs"][0]["name"])
+    for name, group in groups.items():
         group["compression"] = round(teacher["parameters"] / group["parameters"], 2)
+        if group["baseline"] not in (None, name):
+            baseline = groups[group["baseline"]]
+            group["gap_closed"] = {test: gap_closed(teacher["bleu"][test]["mean"], baseline["bleu"][test]["mean"],
+                                                    group["bleu"][test]["mean"]) for test in tests}
+
+
+def gap_closed(teacher, baseline, student):
+    """The share of the teacher's lead over the baseline student that a method recovers:
+    (student - baseline) / (teacher - baseline); None when the baseline is not below the teacher."""
+    return (student - baseline) / (teacher - baseline) if teacher > baseline else None
 
 
 def bleu_cell(bleu):
@@ -130,19 +143,44 @@ def p_cell(name, group, groups, test):
     return f"{p:.3f}" + (" *" if p < 0.05 else "")
 
 
+def gap_cell(group, test):
+    share = group.get("gap_closed", {}).get(test)
+    return "" if share is None else f"{100 * share:.0f}%"
+
+
+def speed_cell(speeds, batch_size):
+    return f"{speeds[batch_size]:.1f}" if batch_size in speeds else "n/a"
+
+
+def speed_up_cell(speeds, teacher_speeds, batch_size):
+    if batch_size not in speeds or batch_size not in teacher_speeds:
+        return "n/a"
+    return f"{speeds[batch_size] / teacher_speeds[batch_size]:.1f}x"
+
+
 def markdown(args, groups, tests, speed, signature, bootstrap_signature):
     seeds = sorted({run["seed"] for g in groups.values() if g["role"] == "student" for run in g["runs"]})
     batch_sizes = [str(b) for b in speed["batch_sizes"]]
+    ct2 = speed.get("ct2")
+    teacher = next(g for g in groups.values() if g["role"] == "teacher")
     header = ["model", "method", "parameters", "compression"]
     for test in tests:
-        header += [f"BLEU {test}", "p"]
+        header += [f"BLEU {test}", "p", "gap closed"]
     header += [f"sent/s, batch {b}" for b in batch_sizes]
+    if ct2:
+        header += [f"{ct2['quantization']} BLEU {tests[0]}"] + [f"{ct2['quantization']} sent/s, batch {b}"
+                                                                 for b in batch_sizes]
+        header += [f"{ct2['quantization']} speed-up, batch {batch_sizes[0]}"]
     rows = []
     for name, group in groups.items():
         row = [name, group["label"], f"{group['parameters']:,}", f"{group['compression']:.2f}x"]
         for test in tests:
-            row += [bleu_cell(group["bleu"][test]), p_cell(name, group, groups, test)]
-        row += [f"{group['speed'][b]:.1f}" if b in group["speed"] else "n/a" for b in batch_sizes]
+            row += [bleu_cell(group["bleu"][test]), p_cell(name, group, groups, test), gap_cell(group, test)]
+        row += [speed_cell(group["speed"], b) for b in batch_sizes]
+        if ct2:
+            row += [f"{group['ct2_bleu']:.2f}" if group["ct2_bleu"] is not None else "n/a"]
+            row += [speed_cell(group["ct2_speed"], b) for b in batch_sizes]
+            row += [speed_up_cell(group["ct2_speed"], teacher["speed"], batch_sizes[0])]
         rows.append(row)
     lines = [
         f"# {args.title}",
@@ -166,7 +204,17 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
         f"warm-up batch) over the first {speed['sentences']} sentences of {tests[0]}, beam {speed['beam']}, "
         f"on {speed['device']} with {speed['threads']} threads; every model measured in the same run, "
         "one after the other.",
+        "- gap closed: (BLEU - baseline's BLEU) / (teacher's BLEU - baseline's BLEU), the share of the teacher's "
+        "lead over the baseline student that the method recovers.",
     ]
+    if ct2:
+        q = ct2["quantization"]
+        lines += [
+            f"- {q}: the model exported to CTranslate2 {ct2['version']} in {q} (fairseq-kd-export-ct2), beam "
+            f"{speed['beam']}, the same batches and threads as fairseq; its BLEU on all of {tests[0]} "
+            f"(`{ct2['signature']}`); speed-up: its sentences/s at batch {batch_sizes[0]} divided by the "
+            f"teacher's in fairseq.",
+        ]
     if any(not group["speed"] for group in groups.values()):
         lines.append("- n/a: a model added after the speed step ran; delete WORK/speed.json to measure all again.")
     return "\n".join(lines) + "\n"

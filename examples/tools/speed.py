@@ -1,30 +1,44 @@
-"""Decoding speed of a recipe's teacher and students, measured one after the other in one run.
+"""Decoding speed of a recipe's teacher and students, measured one after the other in one run, in
+fairseq and as the CTranslate2 model a user deploys.
 
     python speed.py --models models.tsv --data BIN --subset test2 --reference REF --beam 5 \
-        --batch-sizes 1,128 [--max-len-a 0 --max-len-b 200] --out speed.json
+        --batch-sizes 1,64 [--max-len-a 0 --max-len-b 200] --threads 1 \
+        --bleu-subset test --bleu-reference RAW/test_2016_flickr.de --spm spm.model --out speed.json
 
 For the teacher and the first seed of each student method (models.tsv), each checkpoint is loaded
 once and translates the speed split at every batch size with fairseq's SequenceGenerator (the
 beam search fairseq-generate runs), batches of the given number of sentences, nothing dropped.
-One batch is translated first, untimed, to warm up; the time is then that of the generation calls
-alone (as fairseq-generate's own "sentences/s"), not loading or batching. Every sentence of the
-split must come back. Writes a JSON file: {"device", "threads", "sentences", "beam",
-"batch_sizes", "sentences_per_second": {model: {batch size: speed}}}.
+Each model is then exported to CTranslate2 (``fairseq-kd-export-ct2``'s conversion, in
+``--ct2-quantization``, int8 by default) and translates the same batches with the same beam and
+length limit, and the whole ``--bleu-subset`` once more for its BLEU (the quality of the deployed
+model, next to the fairseq model's BLEU in the report). In both engines one batch is translated
+first, untimed, to warm up; the time is then that of the translation calls alone (as
+fairseq-generate's own "sentences/s"), not loading or batching. Every sentence of the split must
+come back. Writes a JSON file: {"device", "threads", "sentences", "beam", "batch_sizes",
+"sentences_per_second": {model: {batch size: speed}}, "ct2": {"quantization", "version",
+"sentences_per_second": {model: {batch size: speed}}, "bleu": {model: BLEU}, "bleu_subset",
+"signature"}}.
 """
 
 import argparse
 import csv
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
 
+import ctranslate2
+import sentencepiece
 import torch
+from sacrebleu.metrics import BLEU
 from fairseq import checkpoint_utils, utils
 from fairseq.dataclass.configs import GenerationConfig
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 import fairseq_kd  # noqa: F401  (lets torch.load read fairseq checkpoints safely)
+from fairseq_kd.ct2_export import export as export_ct2
 
 
 def measured_models(models_tsv):
@@ -76,6 +90,56 @@ def sentences_per_second(task, subset, models, gen_cfg, batch_size, device):
     return translated / seconds
 
 
+def source_tokens(task, subset):
+    """The subset's source sentences as dictionary symbols, in fairseq's batching order (by length),
+    without the end-of-sentence marker CTranslate2 adds itself. Returns (ids, token lists)."""
+    dataset = task.dataset(subset)
+    order = dataset.ordered_indices()
+    return order, [[task.src_dict[t] for t in dataset.src[i][:-1].tolist()] for i in order]
+
+
+def decoding_length(sources, args):
+    """fairseq's length limit (max_len_a * source length + max_len_b) for the longest source of a batch."""
+    return int(args.max_len_a * max(len(s) + 1 for s in sources) + args.max_len_b)
+
+
+def ct2_translate(translator, sources, batch_size, args):
+    """Translate ``sources`` in batches of ``batch_size``; (translations as token lists, seconds of the
+    translation calls after one untimed warm-up batch)."""
+    batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+    options = dict(beam_size=args.beam, max_batch_size=batch_size)
+    translator.translate_batch(batches[0], max_decoding_length=decoding_length(batches[0], args), **options)
+    seconds, outputs = 0.0, []
+    for batch in batches:
+        start = time.perf_counter()
+        results = translator.translate_batch(batch, max_decoding_length=decoding_length(batch, args), **options)
+        seconds += time.perf_counter() - start
+        outputs += [result.hypotheses[0] for result in results]
+    return outputs, seconds
+
+
+def measure_ct2(task, name, directory, args, batch_sizes, workdir):
+    """Export ``directory``'s checkpoint to CTranslate2 in ``workdir``; its sentences/s on the speed
+    split at each batch size and its detokenized translations of the BLEU subset, in input order."""
+    model_dir = os.path.join(workdir, name)
+    export_ct2(f"{directory}/checkpoint_best.pt", args.data, model_dir, args.ct2_quantization)
+    translator = ctranslate2.Translator(model_dir, device="cpu", intra_threads=args.threads, inter_threads=1)
+    _, speed_sources = source_tokens(task, args.subset)
+    speeds = {}
+    for batch_size in batch_sizes:
+        outputs, seconds = ct2_translate(translator, speed_sources, batch_size, args)
+        if len(outputs) != len(speed_sources):
+            sys.exit(f"CTranslate2 returned {len(outputs)} of {len(speed_sources)} translations of {args.subset}")
+        speeds[str(batch_size)] = len(outputs) / seconds
+        print(f"{name}, CTranslate2 {args.ct2_quantization}, batch {batch_size}: {speeds[str(batch_size)]:.1f} "
+              "sentences/s", flush=True)
+    order, bleu_sources = source_tokens(task, args.bleu_subset)
+    outputs, _ = ct2_translate(translator, bleu_sources, max(batch_sizes), args)
+    by_id = dict(zip(order.tolist(), outputs))
+    pieces = sentencepiece.SentencePieceProcessor(model_file=args.spm)
+    return speeds, pieces.decode([by_id[i] for i in range(len(order))])
+
+
 @torch.no_grad()
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,13 +151,21 @@ def main():
     parser.add_argument("--batch-sizes", required=True, help="comma-separated, e.g. 1,128")
     parser.add_argument("--max-len-a", type=float, default=0, help="as fairseq-generate's")
     parser.add_argument("--max-len-b", type=int, default=200, help="as fairseq-generate's")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of both engines")
+    parser.add_argument("--ct2-quantization", default="int8", choices=["int8", "int16", "float32"],
+                        help="the CTranslate2 models' weights")
+    parser.add_argument("--bleu-subset", required=True, help="binarized split the CTranslate2 models translate for BLEU")
+    parser.add_argument("--bleu-reference", required=True, help="that split's raw target side")
+    parser.add_argument("--spm", required=True, help="sentencepiece model that detokenizes the translations")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     # fairseq fills the last three fields from its global config; set here explicitly
     task = TranslationTask.setup_task(TranslationConfig(
         data=args.data, dataset_impl=None, train_subset="train", required_seq_len_multiple=1))
     task.load_dataset(args.subset)
+    task.load_dataset(args.bleu_subset)
     with open(args.reference, "rb") as f:
         sentences = sum(1 for _ in f)
     if len(task.dataset(args.subset)) != sentences:
@@ -101,15 +173,23 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen_cfg = GenerationConfig(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    speeds = {}
-    for name, directory in measured_models(args.models):
-        models, _ = checkpoint_utils.load_model_ensemble([f"{directory}/checkpoint_best.pt"], task=task)
-        for model in models:
-            model.to(device).eval()
-        speeds[name] = {}
-        for batch_size in batch_sizes:
-            speeds[name][str(batch_size)] = sentences_per_second(task, args.subset, models, gen_cfg, batch_size, device)
-            print(f"{name}, batch {batch_size}: {speeds[name][str(batch_size)]:.1f} sentences/s", flush=True)
+    references = open(args.bleu_reference, encoding="utf-8").read().splitlines()
+    speeds, ct2_speeds, ct2_bleu, metric = {}, {}, {}, BLEU()
+    with tempfile.TemporaryDirectory(prefix="ct2-", dir=os.path.dirname(os.path.abspath(args.out))) as workdir:
+        for name, directory in measured_models(args.models):
+            models, _ = checkpoint_utils.load_model_ensemble([f"{directory}/checkpoint_best.pt"], task=task)
+            for model in models:
+                model.to(device).eval()
+            speeds[name] = {}
+            for batch_size in batch_sizes:
+                speeds[name][str(batch_size)] = sentences_per_second(task, args.subset, models, gen_cfg, batch_size,
+                                                                     device)
+                print(f"{name}, batch {batch_size}: {speeds[name][str(batch_size)]:.1f} sentences/s", flush=True)
+            ct2_speeds[name], hypotheses = measure_ct2(task, name, directory, args, batch_sizes, workdir)
+            if len(hypotheses) != len(references):
+                sys.exit(f"{len(hypotheses)} CTranslate2 translations for the {len(references)} lines of "
+                         f"{args.bleu_reference}")
+            ct2_bleu[name] = metric.corpus_score(hypotheses, [references]).score
     result = {
         "device": device_name(device),
         "threads": torch.get_num_threads(),
@@ -117,6 +197,14 @@ def main():
         "beam": args.beam,
         "batch_sizes": batch_sizes,
         "sentences_per_second": speeds,
+        "ct2": {
+            "quantization": args.ct2_quantization,
+            "version": ctranslate2.__version__,
+            "sentences_per_second": ct2_speeds,
+            "bleu": ct2_bleu,
+            "bleu_subset": args.bleu_subset,
+            "signature": str(metric.get_signature()),
+        },
     }
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

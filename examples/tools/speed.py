@@ -39,6 +39,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 import fairseq_kd  # noqa: F401  (lets torch.load read fairseq checkpoints safely)
 from fairseq_kd.ct2_export import export as export_ct2
+from fairseq_kd.ct2_translate import DecodingSettings, load_translator, translate_pieces
 
 
 def measured_models(models_tsv):
@@ -98,23 +99,17 @@ def source_tokens(task, subset):
     return order, [[task.src_dict[t] for t in dataset.src[i][:-1].tolist()] for i in order]
 
 
-def decoding_length(sources, args):
-    """fairseq's length limit (max_len_a * source length + max_len_b) for the longest source of a batch."""
-    return int(args.max_len_a * max(len(s) + 1 for s in sources) + args.max_len_b)
-
-
-def ct2_translate(translator, sources, batch_size, args):
-    """Translate ``sources`` in batches of ``batch_size``; (translations as token lists, seconds of the
-    translation calls after one untimed warm-up batch)."""
+def ct2_translate(translator, sources, batch_size, settings):
+    """Translate ``sources`` in batches of ``batch_size``; (the best translation of each as a list of
+    units, seconds of the translation calls after one untimed warm-up batch)."""
     batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
-    options = dict(beam_size=args.beam, max_batch_size=batch_size)
-    translator.translate_batch(batches[0], max_decoding_length=decoding_length(batches[0], args), **options)
+    translate_pieces(translator, batches[0], settings)
     seconds, outputs = 0.0, []
     for batch in batches:
         start = time.perf_counter()
-        results = translator.translate_batch(batch, max_decoding_length=decoding_length(batch, args), **options)
+        results = translate_pieces(translator, batch, settings)
         seconds += time.perf_counter() - start
-        outputs += [result.hypotheses[0] for result in results]
+        outputs += [hypotheses[0][0] for hypotheses in results]
     return outputs, seconds
 
 
@@ -123,18 +118,19 @@ def measure_ct2(task, name, directory, args, batch_sizes, workdir):
     split at each batch size and its detokenized translations of the BLEU subset, in input order."""
     model_dir = os.path.join(workdir, name)
     export_ct2(f"{directory}/checkpoint_best.pt", args.data, model_dir, args.ct2_quantization)
-    translator = ctranslate2.Translator(model_dir, device="cpu", intra_threads=args.threads, inter_threads=1)
+    translator = load_translator(model_dir, threads=args.threads)
+    settings = DecodingSettings(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     _, speed_sources = source_tokens(task, args.subset)
     speeds = {}
     for batch_size in batch_sizes:
-        outputs, seconds = ct2_translate(translator, speed_sources, batch_size, args)
+        outputs, seconds = ct2_translate(translator, speed_sources, batch_size, settings)
         if len(outputs) != len(speed_sources):
             sys.exit(f"CTranslate2 returned {len(outputs)} of {len(speed_sources)} translations of {args.subset}")
         speeds[str(batch_size)] = len(outputs) / seconds
         print(f"{name}, CTranslate2 {args.ct2_quantization}, batch {batch_size}: {speeds[str(batch_size)]:.1f} "
               "sentences/s", flush=True)
     order, bleu_sources = source_tokens(task, args.bleu_subset)
-    outputs, _ = ct2_translate(translator, bleu_sources, max(batch_sizes), args)
+    outputs, _ = ct2_translate(translator, bleu_sources, max(batch_sizes), settings)
     by_id = dict(zip(order.tolist(), outputs))
     pieces = sentencepiece.SentencePieceProcessor(model_file=args.spm)
     return speeds, pieces.decode([by_id[i] for i in range(len(order))])

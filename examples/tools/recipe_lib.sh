@@ -208,11 +208,12 @@ teacher() {
     translate teacher "$WORK/teacher"
 }
 
-# distill NAME SELECT: the teacher's beam-search translations of the training sources
-# (fairseq-kd-distill-data --select SELECT), binarized in WORK/NAME with the gold validation set.
+# distill NAME SELECT [FLAGS...]: the teacher's beam-search translations of the training sources
+# (fairseq-kd-distill-data --select SELECT FLAGS, e.g. --engine ctranslate2), binarized in WORK/NAME
+# with the gold validation set.
 distill() {
     step "distill-$1" "$WORK/$1" fairseq-kd-distill-data "$BIN" --teacher-path "$TEACHER" --split train \
-        --destdir "$WORK/$1.partial" --beam "$BEAM" --select "$2" "${GEN_LIMITS[@]}"
+        --destdir "$WORK/$1.partial" --beam "$BEAM" --select "$2" "${GEN_LIMITS[@]}" "${@:3}"
 }
 
 # init_student NAME FLAGS...: WORK/NAME.pt, a student with the teacher's widths whose layers are

@@ -62,13 +62,23 @@ def table_lines(text: str) -> list:
     return [line for line in text.splitlines() if line.startswith("|")]
 
 
-def test_readme_results_table_is_the_recipes_own():
-    """README's results table is a copy of the one the Multi30k en-de recipe wrote (SCALE=full): a
-    rerun that changes docs/results/multi30k-en-de.md must be copied over, never edited by hand."""
-    results = table_lines(page(os.path.join("results", "multi30k-en-de.md")))
+def assert_readme_quotes(results_page: str) -> None:
+    """README holds, line for line, the table of ``docs/results/RESULTS_PAGE`` (written by a recipe)."""
+    results = table_lines(page(os.path.join("results", results_page)))
     assert len(results) >= 4
     with open(os.path.join(DOCS, "..", "README.md"), encoding="utf-8") as f:
         readme = table_lines(f.read())
-    assert results[0] in readme, "README has no copy of the results table"
+    assert results[0] in readme, f"README has no copy of the table of docs/results/{results_page}"
     start = readme.index(results[0])
     assert readme[start:start + len(results)] == results
+
+
+def test_readme_results_table_is_the_recipes_own():
+    """README's results table is a copy of the one the Multi30k en-de recipe wrote (SCALE=full): a
+    rerun that changes docs/results/multi30k-en-de.md must be copied over, never edited by hand."""
+    assert_readme_quotes("multi30k-en-de.md")
+
+
+def test_readme_demo_table_is_the_demos_own():
+    """README's demo paragraph quotes the table `make demo` wrote (docs/results/demo-en-de.md)."""
+    assert_readme_quotes("demo-en-de.md")

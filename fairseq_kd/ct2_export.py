@@ -27,7 +27,6 @@ converter's command line does not do:
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ import torch
 
 import fairseq_kd  # noqa: F401  (the weights_only allow-list for fairseq checkpoints)
 from fairseq_kd.cli.errors import UserError
+from fairseq_kd.fileio import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +57,6 @@ def require_ctranslate2():
     except ImportError as e:
         raise UserError(f"the ctranslate2 package is not installed ({e}): {INSTALL_HINT}") from None
     return ctranslate2
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str) -> dict:

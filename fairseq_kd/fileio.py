@@ -74,6 +74,7 @@ def disk_full_error(err: OSError, path: str) -> Optional[DiskFullError]:
 
 
 def file_sha256(path: str) -> str:
+    """Hex SHA-256 of the file at ``path``, read in 16 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from fairseq_kd.cli.errors import UserError
-from fairseq_kd.ct2_export import export, file_sha256, read_record, require_ctranslate2
+from fairseq_kd.ct2_export import export, read_record, require_ctranslate2
+from fairseq_kd.fileio import file_sha256
 from fairseq_kd.ct2_translate import DecodingSettings, check_settings, load_translator, translate_pieces
 from fairseq_kd.distill_bitext.selection import Hypothesis
 from fairseq_kd.distill_bitext.shards import DistillDataError, split_state_path

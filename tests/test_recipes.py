@@ -158,3 +158,67 @@ def test_local_data_is_required_at_full_scale(tmp_path):
         assert proc.returncode != 0
         assert f"{variable}={tmp_path} lacks: {tmp_path}/train." in proc.stdout
         assert not (tmp_path / name / "logs").exists()  # refused before running anything
+
+
+COMPRESSION_SIZES = ["4x", "4x_deep_enc", "10x"]
+COMPRESSION_METHODS = ["gold", "seq_kd", "seq_kd_then_gold", "seq_kd_interp", "hybrid_kd"]
+
+
+def run_compression_study(work, **teacher):
+    """STUDY=compression of the en-de recipe at tiny scale in ``work``, TEACHER=... from ``teacher``."""
+    return subprocess.run(
+        ["bash", str(REPO / "examples" / "multi30k-en-de" / "recipe.sh")],
+        env=dict(os.environ, SCALE="tiny", STUDY="compression", WORK=str(work), PYTHON=sys.executable,
+                 PYTHONWARNINGS="ignore", **teacher),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+    )
+
+
+def teacher_of(work):
+    return {"TEACHER": str(work / "teacher" / "checkpoint_best.pt"), "TEACHER_SPM": str(work / "spm" / "spm.model"),
+            "TEACHER_DICT": str(work / "bin" / "dict.en.txt")}
+
+
+def test_compression_study_reuses_a_teacher(recipes, tmp_path):
+    """The compression study with TEACHER=the methods study's teacher: the data are binarized with
+    its dictionary, the teacher is copied (so its translations are the methods study's, word for
+    word), every size is trained with every method, and a work directory is refused for another
+    teacher or for none."""
+    methods_work = finished(recipes, "multi30k-en-de")
+    work = tmp_path / "compression"
+    proc = run_compression_study(work, **teacher_of(methods_work))
+    assert proc.returncode == 0, proc.stdout[-5000:]
+
+    students = [f"{size}.{method}" for size in COMPRESSION_SIZES for method in COMPRESSION_METHODS]
+    results = json.loads((work / "results.json").read_text())
+    assert list(results["models"]) == ["teacher"] + students
+    assert all(results["models"][s]["baseline"] == s.split(".")[0] + ".gold" for s in students)
+    assert (work / "multi30k-en-de-compression.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (work / "bin" / "dict.en.txt").read_bytes() == (methods_work / "bin" / "dict.en.txt").read_bytes()
+    assert (work / "teacher" / "checkpoint_best.pt").read_bytes() == \
+        (methods_work / "teacher" / "checkpoint_best.pt").read_bytes()
+    for test in TESTS:
+        assert (work / "teacher" / f"{test}.hyp").read_text() == (methods_work / "teacher" / f"{test}.hyp").read_text()
+    parameters = {size: results["models"][f"{size}.gold"]["parameters"] for size in COMPRESSION_SIZES}
+    assert parameters["10x"] < parameters["4x"] < results["models"]["teacher"]["parameters"]
+
+    other = teacher_of(finished(recipes, "multi30k-en-fr"))
+    proc = run_compression_study(work, **other)
+    assert proc.returncode != 0
+    assert f"{work}/spm comes from another teacher: its checkpoint, spm, dict" in proc.stdout
+    proc = run_compression_study(work)
+    assert proc.returncode != 0
+    assert f"{work}/spm comes from the teacher {methods_work}/teacher/checkpoint_best.pt: set TEACHER" in proc.stdout
+
+
+def test_an_imported_teachers_dictionary_must_fit_it(recipes, tmp_path):
+    methods_work = finished(recipes, "multi30k-en-de")
+    teacher = teacher_of(methods_work)
+    short = tmp_path / "dict.txt"
+    short.write_text("".join((methods_work / "bin" / "dict.en.txt").read_text().splitlines(True)[:-1]))
+    work = tmp_path / "compression"
+    proc = run_compression_study(work, **dict(teacher, TEACHER_DICT=str(short)))
+    assert proc.returncode != 0
+    rows = len((methods_work / "bin" / "dict.en.txt").read_text().splitlines()) + 4  # fairseq's 4 symbols
+    assert f"the encoder has {rows} embeddings but {short} makes a dictionary of {rows - 1} entries" in proc.stdout
+    assert not (work / "teacher").exists()

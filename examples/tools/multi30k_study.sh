@@ -1,8 +1,9 @@
 # shellcheck shell=bash
-# multi30k_study.sh: the study both Multi30k recipes run (examples/multi30k-en-de/recipe.sh and
+# multi30k_study.sh: the studies the Multi30k recipes run (examples/multi30k-en-de/recipe.sh and
 # examples/multi30k-en-fr/recipe.sh), on the data shipped in data/multi30k. Sourced, not run.
+# STUDY chooses one: methods (the default) or compression.
 #
-# A teacher, its translations of the training sources (sequence-level KD data), and students that
+# STUDY=methods: a teacher, its translations of the training sources (sequence-level KD data), and students that
 # all have one architecture (the teacher's widths, fewer layers), trained for the same number of
 # updates with each distillation method of the plugin:
 #
@@ -17,12 +18,33 @@
 #                     triple_loss gains from its start (the teacher's trained layers) from its loss
 #   low_data          5% of the gold pairs and the teacher's translations of all sources, drawn 1:2
 #   seq_kd_then_gold  seq_kd, then fine-tuned on the gold pairs (QuillBot's order)
+#
+# STUDY=compression: one teacher trained until its validation loss stops improving, and students
+# of three sizes, each trained gold-only and with the methods that won the methods study:
+#
+#   4x          2+2 layers, d=128, ffn 512 (about 4 times fewer parameters than the teacher)
+#   4x_deep_enc 4+1 layers, d=128, ffn 512: the same budget spent on the encoder, whose cost is paid
+#               once per sentence, and taken from the decoder, which runs once per output token
+#   10x         2+2 layers, d=64, ffn 256
+#
+# with the methods gold, seq_kd, seq_kd_then_gold, seq_kd_interp and hybrid_kd as above. The
+# report draws BLEU against parameters and against int8 decoding speed, one line per method.
 
 # shellcheck source=recipe_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
 
-# multi30k_study SRC TGT
+# multi30k_study SRC TGT: the study named by STUDY.
 multi30k_study() {
+    case ${STUDY:-methods} in
+        methods) methods_study "$@" ;;
+        compression) compression_study "$@" ;;
+        *) die "STUDY must be methods (distillation methods, students of one size) or compression" \
+            "(students of several sizes), not '$STUDY'" ;;
+    esac
+}
+
+# methods_study SRC TGT
+methods_study() {
     recipe_begin "multi30k-$1-$2" "$1" "$2"
     # layers: encoder decoder; widths: d_model ffn heads
     local teacher_size student_size teacher_arch
@@ -70,4 +92,47 @@ multi30k_study() {
         --task translation "${LABEL_SMOOTHED[@]}"
 
     run_recipe "Multi30k $1-$2: knowledge distillation methods, students of one size"
+}
+
+# compression_study SRC TGT
+compression_study() {
+    if [[ ${SCALE:-tiny} == full ]]; then
+        # until the validation loss has not improved for 5 epochs (--patience below), at most this
+        : "${TEACHER_UPDATES:=8000}"
+    fi
+    recipe_begin "multi30k-$1-$2-compression" "$1" "$2"
+    # name, layers: encoder decoder, widths: d_model ffn heads, dropout
+    local teacher_size sizes size
+    if [[ $SCALE == tiny ]]; then
+        teacher_size=(2 2 32 64 2 0.1)
+        sizes=("4x 1 1 16 32 2 0.1" "4x_deep_enc 2 1 16 32 2 0.1" "10x 1 1 8 16 2 0.1")
+    else
+        # the teacher of the methods study, trained to convergence: 3+3 layers, d=256, ffn 1024
+        teacher_size=(3 3 256 1024 4 0.3)
+        sizes=("4x 2 2 128 512 4 0.2" "4x_deep_enc 4 1 128 512 4 0.2" "10x 2 2 64 256 4 0.1")
+    fi
+    transformer_arch "${teacher_size[@]:0:5}" --dropout "${teacher_size[5]}"
+    prepare_multi30k
+    teacher "${ARCH[@]}" --patience 5
+    # the teacher's translations decoded by CTranslate2 in float32: fairseq's output (docs/distill-data.md)
+    # at about 2.4 times its speed on a CPU
+    distill kd top1 --engine ctranslate2 --ct2-quantization float32 --batch-size 64
+    local paired=(--task translation_distill --kd-data "$WORK/kd")
+    local name encoder decoder width ffn heads dropout
+    for size in "${sizes[@]}"; do
+        read -r name encoder decoder width ffn heads dropout <<<"$size"
+        transformer_arch "$encoder" "$decoder" "$width" "$ffn" "$heads" --dropout "$dropout"
+        STUDENT_ARCH=("${ARCH[@]}")
+        BASELINE=$name.gold
+        student "$name.gold" "$name: gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
+        student "$name.seq_kd" "$name: seq-KD, teacher targets only" "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
+        finetune "$name.seq_kd_then_gold" "$name: seq-KD, then gold (QuillBot order)" "$name.seq_kd" "$BIN" \
+            --task translation "${LABEL_SMOOTHED[@]}"
+        student "$name.seq_kd_interp" "$name: seq_kd_interp, alpha 0.5" "$BIN" "${paired[@]}" \
+            --criterion seq_kd_interp --alpha 0.5 --label-smoothing 0.1
+        student "$name.hybrid_kd" "$name: hybrid_kd, T 1" "$BIN" "${paired[@]}" --teacher-path "$TEACHER" \
+            --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
+    done
+    # one line per method (the part of each student's name after the size) across the sizes
+    run_recipe "Multi30k $1-$2: students of three sizes, gold-only and distilled" --plot-by-method
 }

@@ -26,6 +26,11 @@
 #   TRAIN_FLAGS  extra fairseq-train flags for every model, e.g. "--fp16 --update-freq 4" on GPUs
 #   DRY_RUN    1: print the commands and whether each is done, run nothing
 #   PYTHON     the interpreter that has fairseq and the plugin (default: python)
+#   TEACHER    reuse a teacher trained before (a fairseq checkpoint) instead of training one: the
+#              data are encoded with its sentencepiece model (TEACHER_SPM, default: the one *.model
+#              file beside the checkpoint) and binarized with its dictionary (TEACHER_DICT, default:
+#              dict.txt beside it, one dictionary for both languages); a WORK made with another
+#              teacher is refused
 
 TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$TOOLS/../.." && pwd)
@@ -73,6 +78,7 @@ recipe_begin() {
     SPEED_BATCH=${SPEED_BATCH:-64} SPEED_THREADS=${SPEED_THREADS:-1}
     export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
     mkdir -p "$WORK"
+    _imported_teacher
     PLAN=$WORK/plan.tsv
     MODELS=$WORK/models.tsv
     : >"$PLAN"
@@ -92,6 +98,27 @@ recipe_begin() {
     )
     # the gold-data objective of every non-distilled model
     LABEL_SMOOTHED=(--criterion label_smoothed_cross_entropy --label-smoothing 0.1)
+}
+
+# _imported_teacher: IMPORTED_TEACHER (the checkpoint named by TEACHER, or empty), TEACHER_SPM and
+# TEACHER_DICT; refuses a WORK that was made with another teacher (examples/tools/import_teacher.py).
+_imported_teacher() {
+    IMPORTED_TEACHER=${TEACHER:-}
+    TEACHER_FILES=()
+    if [[ -n $IMPORTED_TEACHER ]]; then
+        [[ -f $IMPORTED_TEACHER ]] || die "TEACHER=$IMPORTED_TEACHER: no such checkpoint"
+        local dir models
+        dir=$(dirname "$IMPORTED_TEACHER")
+        if [[ -z ${TEACHER_SPM:-} ]]; then
+            models=("$dir"/*.model)
+            [[ ${#models[@]} == 1 && -f ${models[0]} ]] ||
+                die "TEACHER=$IMPORTED_TEACHER: set TEACHER_SPM to its sentencepiece model (not one *.model in $dir)"
+            TEACHER_SPM=${models[0]}
+        fi
+        TEACHER_DICT=${TEACHER_DICT:-$dir/dict.txt}
+        TEACHER_FILES=(--teacher "$IMPORTED_TEACHER" --spm "$TEACHER_SPM" --dict "$TEACHER_DICT")
+    fi
+    "$PYTHON" "$TOOLS/import_teacher.py" check "${TEACHER_FILES[@]}" --work "$WORK" || exit 1
 }
 
 # transformer_arch ENCODER_LAYERS DECODER_LAYERS D_MODEL FFN HEADS [FLAGS...]: sets ARCH to the
@@ -140,12 +167,18 @@ prepare_data() {
 
     step data "$WORK/raw" "$TOOLS/text.py" prepare --src "$SRC" --tgt "$TGT" --out "$WORK/raw.partial" \
         --train "$train" --valid "$valid" "${tests[@]}" "${limits[@]}" --speed-lines "$SPEED_LINES"
-    step spm "$WORK/spm" "$TOOLS/text.py" spm-train --vocab-size "$VOCAB" --input-sentences "$SPM_SENTENCES" \
-        --model-prefix "$WORK/spm.partial/spm" "$WORK/raw/train.$SRC" "$WORK/raw/train.$TGT"
+    local dictionary=()
+    if [[ -n $IMPORTED_TEACHER ]]; then
+        step spm "$WORK/spm" "$TOOLS/import_teacher.py" spm "${TEACHER_FILES[@]}" --out "$WORK/spm.partial"
+        dictionary=(--srcdict "$TEACHER_DICT")
+    else
+        step spm "$WORK/spm" "$TOOLS/text.py" spm-train --vocab-size "$VOCAB" --input-sentences "$SPM_SENTENCES" \
+            --model-prefix "$WORK/spm.partial/spm" "$WORK/raw/train.$SRC" "$WORK/raw/train.$TGT"
+    fi
     step encode "$WORK/tok" "$TOOLS/text.py" encode --model "$SPM" --src "$SRC" --tgt "$TGT" \
         --raw-dir "$WORK/raw" --out-dir "$WORK/tok.partial" --splits "$splits"
     step binarize "$BIN" fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
-        --workers "$THREADS" --trainpref "$WORK/tok/train" --validpref "$WORK/tok/valid" \
+        "${dictionary[@]}" --workers "$THREADS" --trainpref "$WORK/tok/train" --validpref "$WORK/tok/valid" \
         --testpref "$(IFS=,; echo "${testprefs[*]}")" --destdir "$BIN.partial"
 }
 
@@ -197,12 +230,17 @@ translate() {
     done
 }
 
-# teacher FLAGS...: train the teacher on the gold data (FLAGS: its architecture, e.g. "${ARCH[@]}"),
-# translate with it.
+# teacher FLAGS...: train the teacher on the gold data (FLAGS: its architecture and training flags,
+# e.g. "${ARCH[@]}"), or import the one named by TEACHER (FLAGS unused); translate with it.
 # Sets TEACHER, its checkpoint.
 teacher() {
-    step train-teacher "$WORK/teacher" fairseq-train "$BIN" "${TRAIN_COMMON[@]}" --task translation \
-        "${LABEL_SMOOTHED[@]}" "$@" --seed 1 --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher.partial"
+    if [[ -n $IMPORTED_TEACHER ]]; then
+        step import-teacher "$WORK/teacher" "$TOOLS/import_teacher.py" checkpoint "${TEACHER_FILES[@]}" \
+            --out "$WORK/teacher.partial"
+    else
+        step train-teacher "$WORK/teacher" fairseq-train "$BIN" "${TRAIN_COMMON[@]}" --task translation \
+            "${LABEL_SMOOTHED[@]}" "$@" --seed 1 --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher.partial"
+    fi
     TEACHER=$WORK/teacher/checkpoint_best.pt
     add_model teacher teacher teacher teacher 1 "$WORK/teacher" -
     translate teacher "$WORK/teacher"
@@ -256,7 +294,7 @@ _students() {
     done
 }
 
-# run_recipe TITLE: add the speed measurement (teacher and each method's first seed, batch 1 and
+# run_recipe TITLE [REPORT_FLAGS...]: add the speed measurement (teacher and each method's first seed, batch 1 and
 # SPEED_BATCH, SPEED_THREADS threads, in fairseq and exported to CTranslate2 int8 with that model's
 # BLEU, one step so that all are measured in the same run) and the report (BLEU with signatures,
 # paired bootstrap against each student's baseline, share of the teacher's lead closed, parameters, speed:
@@ -269,7 +307,7 @@ run_recipe() {
         --spm "$SPM" --out "$WORK/speed.json.partial"
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
-        --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json"
+        --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"
     echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
     local dry_run=()
     [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)

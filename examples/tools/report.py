@@ -1,7 +1,8 @@
 """A recipe's results: BLEU of the teacher and every student on every test set, with sacreBLEU's
 signature; mean and spread over seeds; a paired bootstrap test of each method against its baseline;
 parameters, compression and decoding speed. Writes OUT.md (a markdown table), OUT.png (BLEU against
-parameters) and a JSON file with every number.
+parameters; with --plot-by-method, also against int8 decoding speed, one line per method) and a
+JSON file with every number.
 
     python report.py --title TITLE --models models.tsv --tests NAME... \
         --references RAW_DIR --tgt de --speed speed.json --scale full \
@@ -267,6 +268,51 @@ def plot(args, groups, tests, path):
     plt.close(figure)
 
 
+def method_of(name):
+    """The method of a student group named SIZE.METHOD (e.g. 4x.hybrid_kd -> hybrid_kd)."""
+    size, dot, method = name.partition(".")
+    if not dot or not size or not method:
+        sys.exit(f"--plot-by-method: the student group {name!r} is not named SIZE.METHOD")
+    return method
+
+
+def plot_by_method(args, groups, tests, path):
+    """BLEU on the first test set against parameters (left) and against the int8 model's sentences/s
+    at the first speed batch size (right): one line per method through its sizes, the teacher a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    test = tests[0]
+    batch = min((int(b) for group in groups.values() for b in group["ct2_speed"]), default=1)
+    lines = OrderedDict()  # method -> [(parameters, int8 sent/s or None, BLEU)]
+    teacher = None
+    for name, group in groups.items():
+        point = (group["parameters"], group["ct2_speed"].get(str(batch)), group["bleu"][test]["mean"])
+        if group["role"] == "teacher":
+            teacher = point
+        else:
+            lines.setdefault(method_of(name), []).append(point)
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for column, (axes, label) in enumerate(zip(panels, ("parameters", f"int8 sentences/s, batch {batch}"))):
+        for method, points in lines.items():
+            drawn = sorted((p[column], p[2]) for p in points if p[column] is not None)
+            if drawn:
+                axes.plot([x for x, _ in drawn], [y for _, y in drawn], marker="o", label=method)
+        if teacher and teacher[column] is not None:
+            axes.plot(teacher[column], teacher[2], "*", color="black", markersize=12, label="teacher")
+        axes.set_xscale("log")
+        axes.set_xlabel(label)
+        axes.grid(True, alpha=0.3)
+    panels[0].set_ylabel(f"BLEU, {test}")
+    panels[1].legend(fontsize=8)
+    figure.suptitle(args.title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, format="png")
+    plt.close(figure)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--title", required=True)
@@ -278,6 +324,9 @@ def main():
     parser.add_argument("--scale", required=True)
     parser.add_argument("--out", required=True, help="OUT.md and OUT.png are written")
     parser.add_argument("--json", required=True, help="every number, for scripts and tests")
+    parser.add_argument("--plot-by-method", action="store_true",
+                        help="student groups are named SIZE.METHOD: plot BLEU against parameters and against "
+                             "int8 speed, one line per method")
     args = parser.parse_args()
 
     groups = read_models(args.models)
@@ -295,7 +344,7 @@ def main():
     with open(f"{args.out}.md.partial", "w", encoding="utf-8") as f:
         f.write(table)
     os.replace(f"{args.out}.md.partial", f"{args.out}.md")
-    plot(args, groups, args.tests, f"{args.out}.png.partial")
+    (plot_by_method if args.plot_by_method else plot)(args, groups, args.tests, f"{args.out}.png.partial")
     os.replace(f"{args.out}.png.partial", f"{args.out}.png")
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"title": args.title, "scale": args.scale, "signature": signature,

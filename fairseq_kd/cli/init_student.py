@@ -20,6 +20,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf, open_dict
 
 from fairseq_kd.cli.errors import UserError, run_command, setup_logging
+from fairseq_kd.fileio import write_file
 from fairseq_kd.safe_load import load_checkpoint
 from fairseq_kd.student_init import (
     STRATEGIES,
@@ -118,19 +119,6 @@ def load_teacher(path: str, data: str, dict_dir: Optional[str] = None):
     return state, cfg, task, model
 
 
-def save_atomically(state: dict, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``: a reader
-    never sees a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def make_student(args: argparse.Namespace) -> dict:
     """Build the student that ``args`` describe, write its checkpoint, and return the record of
     how it was made (also stored in the checkpoint's ``extra_state["student_init"]``)."""
@@ -169,9 +157,9 @@ def make_student(args: argparse.Namespace) -> dict:
         "encoder_layer_map": layer_maps["encoder"],
         "decoder_layer_map": layer_maps["decoder"],
     }
-    save_atomically(
-        student_checkpoint(student_cfg, student.state_dict(), state.get("task_state", {}), record), args.output
-    )
+    checkpoint = student_checkpoint(student_cfg, student.state_dict(), state.get("task_state", {}), record)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    write_file(args.output, lambda f: torch.save(checkpoint, f), binary=True)  # never seen half-written
     record["parameters"] = sum(p.numel() for p in student.parameters())
     return record
 

@@ -19,7 +19,7 @@ import numpy as np
 from fairseq import utils
 from fairseq.data import BaseWrapperDataset
 
-from fairseq_kd.cli.errors import run_command, setup_logging
+from fairseq_kd.cli.errors import run_command
 from fairseq_kd.cli.inputs import add_cpu_argument, add_teacher_arguments, load_split, load_teacher, teacher_device
 from fairseq_kd.cli.progress import Progress
 from fairseq_kd.fileio import teacher_files
@@ -189,10 +189,10 @@ def cache_teacher(args) -> dict:
 
 
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
-    setup_logging()
+    parser = get_parser()
+    args = parser.parse_args(argv)
     logging.getLogger("fairseq.tasks.fairseq_task").setLevel(logging.WARNING)  # one batch iterator per shard
-    run_command("fairseq-kd-cache-teacher", lambda: cache_teacher(args))
+    run_command(parser.prog, lambda: cache_teacher(args))
 
 
 if __name__ == "__main__":

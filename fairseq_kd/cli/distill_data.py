@@ -21,7 +21,7 @@ import torch
 from fairseq.dataclass.configs import GenerationConfig
 
 import fairseq_kd  # noqa: F401  (safe loading of fairseq checkpoints)
-from fairseq_kd.cli.errors import run_command, setup_logging
+from fairseq_kd.cli.errors import run_command
 from fairseq_kd.cli.inputs import add_cpu_argument, add_teacher_arguments, load_split, load_teacher, teacher_device
 from fairseq_kd.cli.progress import Progress
 from fairseq_kd.ct2_export import QUANTIZATIONS
@@ -311,7 +311,6 @@ def run(args) -> Optional[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    setup_logging()
     parser = get_parser()
     args = parser.parse_args(argv)
     run_command(parser.prog, lambda: run(args))

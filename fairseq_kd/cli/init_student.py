@@ -18,7 +18,7 @@ import torch
 from fairseq import models, tasks
 from omegaconf import OmegaConf, open_dict
 
-from fairseq_kd.cli.errors import UserError, run_command, setup_logging
+from fairseq_kd.cli.errors import UserError, run_command
 from fairseq_kd.cli.inputs import add_teacher_arguments, load_teacher
 from fairseq_kd.fileio import write_file
 from fairseq_kd.safe_load import load_checkpoint
@@ -34,9 +34,6 @@ from fairseq_kd.student_init import (
 )
 
 
-PROG = "fairseq-kd-init-student"
-
-
 def layer_map_argument(text: str):
     """``parse_layer_map`` for argparse, whose own message would only name the function."""
     try:
@@ -47,7 +44,7 @@ def layer_map_argument(text: str):
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog="fairseq-kd-init-student",
         description="Write a student checkpoint with the teacher's architecture and fewer layers, its "
         "weights copied from the teacher: embeddings, positional embeddings, output projection and "
         "layer norms by name, each student layer from the teacher layer the strategy picks.",
@@ -166,9 +163,9 @@ def make_student_or_fail(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    args = get_parser().parse_args(argv)
-    record = run_command(PROG, lambda: make_student_or_fail(args))
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    record = run_command(parser.prog, lambda: make_student_or_fail(args))
     print(
         f"student: {len(record['encoder_layer_map'])} encoder and {len(record['decoder_layer_map'])} decoder "
         f"layers from the teacher's {record['teacher_encoder_layers']} and {record['teacher_decoder_layers']} "

@@ -159,17 +159,15 @@ def peak_memory_key(args) -> str:
 def save_topk(args, workdir):
     """Run the teacher once over the batches and save its top-k (ids, log-probs at T=1, the
     log-probs rounded to fp16 as a cache stores them), as fairseq-kd-cache-teacher would."""
-    from fairseq_kd import losses
+    from fairseq_kd.teacher_cache import teacher_topk
 
     _, task, _, _, batches = build(args, workdir, "F_fp32")
     device = device_of(args)
     teacher = task.teacher(device)
     topk = []
     for b in batches:
-        ni = on_device(b, device)["net_input"]
-        lprobs = losses.teacher_log_probs(teacher.logits(ni["src_tokens"], ni["src_lengths"], ni["prev_output_tokens"]), 1.0)
-        top = lprobs.topk(args.topk, dim=-1)
-        topk.append((top.indices.cpu(), top.values.half().cpu()))  # as a --teacher-cache batch holds them
+        ids, lprobs = teacher_topk(teacher, on_device(b, device), args.topk)
+        topk.append((ids.cpu(), lprobs.half().cpu()))  # as a --teacher-cache batch holds them
     torch.save(topk, os.path.join(workdir, "topk.pt"))
 
 
@@ -279,10 +277,11 @@ def write_summary(args, internal_arguments, **parts) -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in internal_arguments},
         **parts,
     }
+    from fairseq_kd.fileio import atomic_output
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".partial", "w") as f:  # renamed when complete: never a half-written result
+    with atomic_output(args.out) as tmp, open(tmp, "w") as f:  # never a half-written result
         json.dump(summary, f, indent=2)
-    os.replace(args.out + ".partial", args.out)
     print(f"written {args.out}")
 
 

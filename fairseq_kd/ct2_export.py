@@ -31,14 +31,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 from typing import Dict, Optional, Sequence
 
 import torch
 
 import fairseq_kd  # noqa: F401  (the weights_only allow-list for fairseq checkpoints)
 from fairseq_kd.cli.errors import UserError
-from fairseq_kd.fileio import file_sha256
+from fairseq_kd.fileio import file_sha256, temporary_path
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +256,7 @@ def export(
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = temporary_path(output_dir)
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:

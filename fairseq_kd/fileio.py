@@ -1,5 +1,6 @@
 """Files the data tools write and read: written whole or not at all, checked before they replace
-anything, a full disk reported by name, and teacher checkpoints known by their contents.
+anything, a full disk reported by name, the settings a resumable run recorded compared key by key,
+and teacher checkpoints known by their contents.
 
 Every output goes to a temporary file next to its final path (a dot name carrying the host name
 and process id, so concurrent writers never share one), is optionally checked and made durable,
@@ -10,9 +11,10 @@ a full disk leaves the previous file (or none) in place, never a half-written or
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import socket
-from typing import Callable, Iterator, List, Optional
+from typing import IO, Callable, Iterator, List, Optional, Type
 
 from fairseq_kd.cli.errors import UserError
 from fairseq_kd.teacher import split_teacher_paths
@@ -36,9 +38,15 @@ def is_temporary(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, verify: Optional[Callable[[str], None]] = None, durable: bool = False) -> Iterator[str]:
+def atomic_output(
+    path: str, verify: Optional[Callable[[str], None]] = None, durable: bool = False, exclusive: bool = False
+) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s contents to; then ``verify(tmp)`` (which raises
     to refuse the file), ``fsync`` if ``durable``, and rename it to ``path``.
+
+    With ``exclusive`` the file is linked to ``path`` instead, which raises
+    :class:`FileExistsError` when ``path`` exists: of several processes writing the same record at
+    once, the first one's stays and the others can compare theirs with it.
 
     On any failure the temporary file is removed and ``path`` is left as it was; running out of
     space raises :class:`DiskFullError` naming ``path``.
@@ -51,12 +59,55 @@ def atomic_output(path: str, verify: Optional[Callable[[str], None]] = None, dur
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as err:
         raise disk_full_error(err, path) or err
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def write_file(
+    path: str,
+    write: Callable[[IO], None],
+    binary: bool = False,
+    verify: Optional[Callable[[str], None]] = None,
+    durable: bool = False,
+    exclusive: bool = False,
+) -> None:
+    """Write ``path`` through :func:`atomic_output` (same ``verify``, ``durable`` and ``exclusive``):
+    ``write(f)`` fills the temporary file ``f``, opened for UTF-8 text, or for bytes if ``binary``."""
+    with atomic_output(path, verify=verify, durable=durable, exclusive=exclusive) as tmp:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+
+
+def write_json(path: str, obj, indent: int, sort_keys: bool = False, durable: bool = False,
+               exclusive: bool = False) -> None:
+    """Write ``obj`` as JSON and a final newline to ``path`` with :func:`write_file`."""
+    write_file(path, lambda f: f.write(json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n"),
+               durable=durable, exclusive=exclusive)
+
+
+def refuse_other_settings(recorded: dict, current: dict, recorded_in: str, problem: str, fix: str,
+                          error: Type[UserError] = UserError) -> None:
+    """Raise ``error`` when the settings a resumable run recorded when it started (``recorded``,
+    read from ``recorded_in``) differ from this run's (``current``): its message is ``problem``,
+    one line per differing key, then ``fix``.
+
+    What a run resumes must have been made with the same settings: outputs made with others would
+    be mixed into one result, silently.
+    """
+    differences = [
+        f"  {key}: {recorded.get(key, '(unset)')!r} in {recorded_in}, {current.get(key, '(unset)')!r} now"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
+    if differences:
+        raise error(f"{problem}:\n" + "\n".join(differences) + f"\n{fix}")
 
 
 def disk_full_error(err: OSError, path: str) -> Optional[DiskFullError]:

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from fairseq_kd.cli.errors import UserError
-from fairseq_kd.fileio import atomic_output, disk_full_error, is_temporary
+from fairseq_kd.fileio import atomic_output, disk_full_error, is_temporary, refuse_other_settings, write_file, write_json
 from fairseq_kd.losses import teacher_log_probs
 
 FORMAT = "fairseq-kd-teacher-cache"
@@ -119,16 +119,6 @@ def rows_by_sentence(
     ids, lprobs = ids.cpu().numpy(), lprobs.cpu().numpy()
     for row, sample_id in enumerate(sample["id"].tolist()):
         yield sample_id, ids[row, keep[row]], lprobs[row, keep[row]]
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(file)`` on a temporary file, make it durable, then move it to ``path``."""
-    with atomic_output(path, durable=True) as tmp, open(tmp, "wb") as f:
-        write(f)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")))
 
 
 def _read_header(path: str) -> dict:
@@ -218,20 +208,19 @@ class TeacherCacheWriter:
     def _record_or_check_settings(self) -> None:
         path = os.path.join(self.cache_dir, HEADER)
         if not os.path.isfile(path):
-            _write_json(path, dict(self.settings, complete=False))
+            self._write_header(complete=False)
             return
-        previous = {key: value for key, value in _read_header(path).items() if key != "complete"}
-        differences = [
-            f"  {key}: {previous.get(key)!r} in the existing build, {self.settings.get(key)!r} now"
-            for key in sorted(set(previous) | set(self.settings))
-            if previous.get(key) != self.settings.get(key)
-        ]
-        if differences:
-            raise CacheError(
-                f"{self.cache_dir} holds a teacher cache built with other settings:\n" + "\n".join(differences)
-                + "\nRerun with the original arguments to resume or keep it, or pass another --destdir "
-                "(or delete this directory) to build a new cache"
-            )
+        refuse_other_settings(
+            {key: value for key, value in _read_header(path).items() if key != "complete"}, self.settings,
+            "the existing build", f"{self.cache_dir} holds a teacher cache built with other settings",
+            "Rerun with the original arguments to resume or keep it, or pass another --destdir (or delete this "
+            "directory) to build a new cache", CacheError,
+        )
+
+    def _write_header(self, complete: bool) -> None:
+        """``header.json``: the build's settings and whether the final arrays are all in place."""
+        write_json(os.path.join(self.cache_dir, HEADER), dict(self.settings, complete=complete), indent=2,
+                   sort_keys=True, durable=True)
 
     @property
     def complete(self) -> bool:
@@ -288,7 +277,8 @@ class TeacherCacheWriter:
             )
         lengths = self.target_sizes[start:end]
         os.makedirs(os.path.join(self.cache_dir, SHARDS), exist_ok=True)
-        _atomic_write(self.shard_path(index), lambda f: np.savez(f, lengths=lengths, ids=ids, lprobs=lprobs))
+        write_file(self.shard_path(index), lambda f: np.savez(f, lengths=lengths, ids=ids, lprobs=lprobs),
+                   binary=True, durable=True)
 
     def read_shard(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """Shard ``index``'s (ids, lprobs), checked to be what :meth:`write_shard` wrote for this data."""
@@ -323,7 +313,7 @@ class TeacherCacheWriter:
         missing = self.missing_shards()
         if missing:
             raise ValueError(f"cannot merge: shards {missing} are missing")
-        _atomic_write(os.path.join(self.cache_dir, OFFSETS), lambda f: np.save(f, self.offsets))
+        write_file(os.path.join(self.cache_dir, OFFSETS), lambda f: np.save(f, self.offsets), binary=True, durable=True)
         shape = (int(self.offsets[-1]), self.k)
         paths = [os.path.join(self.cache_dir, name) for name in (IDS, LPROBS)]
         with contextlib.ExitStack() as stack:
@@ -339,7 +329,7 @@ class TeacherCacheWriter:
                         f.write(np.ascontiguousarray(array).tobytes())
                     except OSError as err:  # named here: the other file's context would claim it first
                         raise disk_full_error(err, path) or err
-        _write_json(os.path.join(self.cache_dir, HEADER), dict(self.settings, complete=True))
+        self._write_header(complete=True)
         self._remove_shards()
 
     def _remove_shards(self) -> None:

@@ -14,19 +14,16 @@ interruption and only the missing shards are computed.
 import argparse
 import logging
 import os
-import time
-from datetime import timedelta
 
 import numpy as np
-import torch
 from fairseq import utils
 from fairseq.data import BaseWrapperDataset
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_kd.cli.errors import run_command, setup_logging
-from fairseq_kd.distill_bitext.binarize import empty_binarized_files
+from fairseq_kd.cli.errors import run_command
+from fairseq_kd.cli.inputs import add_cpu_argument, add_teacher_arguments, load_split, load_teacher, teacher_device
+from fairseq_kd.cli.progress import Progress
 from fairseq_kd.fileio import teacher_files
-from fairseq_kd.teacher import PRECISIONS, Teacher
+from fairseq_kd.teacher import Teacher
 from fairseq_kd.teacher_cache import (
     CacheError,
     TeacherCache,
@@ -46,9 +43,8 @@ def get_parser() -> argparse.ArgumentParser:
         description="Cache a teacher's top-k log-probabilities (T = 1) at every target position of a "
         "binarized split, for offline word-level distillation.",
     )
-    parser.add_argument("--teacher-path", required=True,
-                        help="teacher checkpoint, or several joined by ':' for an ensemble whose "
-                        "probabilities are averaged; its dictionaries must equal the data's")
+    add_teacher_arguments(parser, precision=True)
+    add_cpu_argument(parser)
     parser.add_argument("data",
                         help="binarized data directory (fairseq-preprocess or fairseq-kd-distill-data "
                         "output) whose target side the teacher is teacher-forced on")
@@ -66,13 +62,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stop-after-shards", type=int, default=None,
                         help="compute at most this many missing shards, then exit without merging; rerun "
                         "to continue (to split a long build across time-limited jobs)")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
-    parser.add_argument("--teacher-precision", choices=PRECISIONS, default="auto",
-                        help="precision of the teacher's forward pass: auto = fp16 on CUDA, bf16 on CPUs "
-                        "with native bf16, else fp32; log-softmax and top-k are in fp32 (default: auto)")
-    parser.add_argument("--teacher-dict-dir", default=None,
-                        help="directory with the teacher's dict.*.txt, for the dictionary check (default: "
-                        "the checkpoint's directory, then the data directory it was trained on)")
     parser.add_argument("--num-workers", type=int, default=0, help="data loading processes (default: 0)")
     parser.add_argument("--log-interval", type=float, default=30.0,
                         help="seconds between progress lines within a shard (default: 30)")
@@ -92,34 +81,6 @@ class IdRangeDataset(BaseWrapperDataset):
         return ids[np.lexsort((self.dataset.tgt_sizes[ids], self.dataset.src_sizes[ids]))]
 
 
-def load_split(args):
-    """The translation task on ``DATA`` and its ``--split`` pairs, loaded as fairseq-train does."""
-    if len(utils.split_paths(args.data)) != 1:
-        raise CacheError(f"DATA takes one directory, got {args.data!r}: build one cache per directory")
-    # the fields fairseq interpolates from its global config, set explicitly to fairseq's defaults
-    cfg = TranslationConfig(
-        data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
-        dataset_impl=None, train_subset="train", required_seq_len_multiple=1,
-    )
-    try:
-        task = TranslationTask.setup_task(cfg)
-    except FileNotFoundError as err:
-        raise CacheError(f"cannot read the data directory {args.data}: {err}") from err
-    # fairseq cannot open a split with no sentences (it cannot map an empty file): say so first
-    empty = empty_binarized_files(args.data, args.split, task.cfg.source_lang, task.cfg.target_lang)
-    if empty:
-        raise CacheError(f"split {args.split!r} of {args.data} has no sentences ({empty[0]} is empty): there "
-                         "is nothing to cache; pass a split that has some (--split)")
-    try:
-        task.load_dataset(args.split, combine=args.split == cfg.train_subset)
-    except FileNotFoundError as err:
-        raise CacheError(f"cannot load split {args.split!r} of {args.data}: {err}") from err
-    dataset = task.dataset(args.split)
-    if len(dataset) == 0:
-        raise CacheError(f"split {args.split!r} of {args.data} has no sentences")
-    return task, dataset
-
-
 def check_lengths(dataset, teacher: Teacher) -> None:
     """Refuse sentences longer than the teacher's positions: they cannot be scored."""
     max_positions = utils.resolve_max_positions(*(model.max_positions() for model in teacher.models))
@@ -134,35 +95,6 @@ def check_lengths(dataset, teacher: Teacher) -> None:
         )
 
 
-class Progress:
-    """Sentences per second and time left, over the sentences this run computes."""
-
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
-        self.done = 0
-        self.tokens = 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, sentences: int, tokens: int) -> None:
-        self.done += sentences
-        self.tokens += tokens
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def line(self) -> str:
-        rate = self.done / max(self.elapsed(), 1e-9)
-        eta = timedelta(seconds=round((self.total - self.done) / rate)) if rate > 0 else "?"
-        return f"{self.done:,}/{self.total:,} sentences, {rate:,.1f} sentences/s, ETA {eta}"
-
-    def due(self) -> bool:
-        now = time.perf_counter()
-        if now - self.last < self.interval:
-            return False
-        self.last = now
-        return True
-
-
 def cache_teacher(args) -> dict:
     """Build (or resume) the cache that ``args`` describe; return a summary of the run."""
     if args.k < 1:
@@ -171,15 +103,17 @@ def cache_teacher(args) -> dict:
         raise CacheError(
             f"--stop-after-shards must be >= 1 (leave it out to compute every shard), got {args.stop_after_shards}"
         )
-    task, dataset = load_split(args)
+    if len(utils.split_paths(args.data)) != 1:
+        raise CacheError(f"DATA takes one directory, got {args.data!r}: build one cache per directory")
+    task = load_split(args.data, args.split, args.source_lang, args.target_lang)
+    dataset = task.dataset(args.split)
+    if len(dataset) == 0:
+        raise CacheError(f"split {args.split!r} of {args.data} has no sentences")
     tgt_dict = task.target_dictionary
     if args.k > len(tgt_dict):
         raise CacheError(f"--k {args.k} exceeds the target vocabulary size {len(tgt_dict)}")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    try:  # a missing checkpoint or dictionary, other dictionaries than the data's, an unusable precision
-        teacher = Teacher.load(args.teacher_path, task, args.teacher_precision, args.teacher_dict_dir).to(device)
-    except (ValueError, FileNotFoundError) as err:
-        raise CacheError(str(err)) from err
+    device = teacher_device(args)
+    teacher = load_teacher(args.teacher_path, task, args.teacher_precision, args.teacher_dict_dir, device)
     check_lengths(dataset, teacher)
     settings = {
         "k": args.k,
@@ -218,8 +152,7 @@ def cache_teacher(args) -> dict:
             ids, lprobs = teacher_topk(teacher, sample, args.k)
             for sample_id, sentence_ids, sentence_lprobs in rows_by_sentence(sample, ids, lprobs, pad):
                 rows[sample_id] = (sentence_ids, sentence_lprobs)
-            progress.update(sample["nsentences"], sample["ntokens"])
-            if progress.due():
+            if progress.update(sample["nsentences"], sample["ntokens"]):
                 logger.info(f"shard {index + 1}/{writer.num_shards}: {progress.line()}")
         writer.write_shard(index, rows)
         logger.info(f"shard {index + 1}/{writer.num_shards} (ids {start}-{end - 1}) written: {progress.line()}")
@@ -237,7 +170,7 @@ def cache_teacher(args) -> dict:
         "bytes_per_token": bytes_per_token(args.k, writer.id_dtype),
         "total_bytes": writer.total_bytes(),
         "seconds": progress.elapsed(),
-        "sentences_per_second": progress.done / max(progress.elapsed(), 1e-9),
+        "sentences_per_second": progress.rate(),
         "tokens_per_second": progress.tokens / max(progress.elapsed(), 1e-9),
     }
     id_bytes = writer.id_dtype.itemsize
@@ -256,10 +189,10 @@ def cache_teacher(args) -> dict:
 
 
 def main(argv=None) -> None:
-    args = get_parser().parse_args(argv)
-    setup_logging()
+    parser = get_parser()
+    args = parser.parse_args(argv)
     logging.getLogger("fairseq.tasks.fairseq_task").setLevel(logging.WARNING)  # one batch iterator per shard
-    run_command("fairseq-kd-cache-teacher", lambda: cache_teacher(args))
+    run_command(parser.prog, lambda: cache_teacher(args))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ merged when every shard is done. See docs/distill-data.md.
 
 import argparse
 import dataclasses
-import datetime
 import logging
 import os
 import time
@@ -22,7 +21,9 @@ import torch
 from fairseq.dataclass.configs import GenerationConfig
 
 import fairseq_kd  # noqa: F401  (safe loading of fairseq checkpoints)
-from fairseq_kd.cli.errors import run_command, setup_logging
+from fairseq_kd.cli.errors import run_command
+from fairseq_kd.cli.inputs import add_cpu_argument, add_teacher_arguments, load_split, load_teacher, teacher_device
+from fairseq_kd.cli.progress import Progress
 from fairseq_kd.ct2_export import QUANTIZATIONS
 from fairseq_kd.distill_bitext import ct2_engine
 from fairseq_kd.distill_bitext.filters import FILTER_NAMES, FilterConfig
@@ -38,7 +39,7 @@ from fairseq_kd.distill_bitext.shards import (
     split_state_path,
     worker_shards,
 )
-from fairseq_kd.distill_bitext.translate import SplitTranslator, TeacherTranslator, load_split, load_teacher_models
+from fairseq_kd.distill_bitext.translate import SplitTranslator, TeacherTranslator
 from fairseq_kd.fileio import teacher_files
 
 logger = logging.getLogger("fairseq_kd.cli.distill_data")
@@ -54,17 +55,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("data", help="binarized data directory (fairseq-preprocess output) with the teacher's "
                         "dictionaries")
     io = parser.add_argument_group("input and output")
-    io.add_argument("--teacher-path", required=True,
-                    help="teacher checkpoint, or several joined by ':' to decode with their ensemble")
+    add_teacher_arguments(io)
     io.add_argument("--destdir", required=True,
                     help="output directory: SPLIT.kd.SRC/TGT text, dictionaries and binarized SPLIT, and "
                     "the run's state SPLIT.kd.{shards/,args.json,summary.json}; may hold several splits")
     io.add_argument("--split", default="train", help="split of DATA to translate")
     io.add_argument("-s", "--source-lang", default=None, help="source language (default: inferred from DATA)")
     io.add_argument("-t", "--target-lang", default=None, help="target language (default: inferred from DATA)")
-    io.add_argument("--teacher-dict-dir", default=None,
-                    help="directory with the dictionaries the teacher was trained with, checked against "
-                    "DATA's (default: the checkpoint's directory, then the data directory it was trained on)")
     io.add_argument("--copy-splits", default="valid",
                     help="comma-separated binarized splits to copy unchanged from DATA into --destdir "
                     "(e.g. the gold validation set fairseq-train needs); '' copies none")
@@ -130,7 +127,7 @@ def get_parser() -> argparse.ArgumentParser:
                       help="leave out source sentences longer than the teacher accepts (counted) instead of failing")
 
     dev = parser.add_argument_group("device")
-    dev.add_argument("--cpu", action="store_true", help="run on CPU even when CUDA is available")
+    add_cpu_argument(dev)
     dev.add_argument("--fp16", action="store_true", help="run the teacher in fp16 (CUDA only)")
     dev.add_argument("--log-interval", type=float, default=30, help="seconds between progress lines")
     return parser
@@ -205,33 +202,14 @@ def split_list(value: str) -> List[str]:
     return [s for s in value.split(",") if s]
 
 
-class Progress:
-    """Logs sentences done, throughput and ETA at most every ``interval`` seconds."""
-
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
-        self.done = 0
-        self.start = self.last = time.time()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.time()
-        if now - self.last >= self.interval or self.done == self.total:
-            self.last = now
-            rate = self.rate()
-            eta = datetime.timedelta(seconds=round((self.total - self.done) / rate)) if rate else "?"
-            logger.info(f"translated {self.done}/{self.total} sentences | {rate:.1f} sentences/s | ETA {eta}")
-
-    def elapsed(self) -> float:
-        return time.time() - self.start
-
-    def rate(self) -> float:
-        return self.done / max(self.elapsed(), 1e-9)
-
-
 def translate_shard(translator: SplitTranslator, ids: range, args, progress: Progress) -> List[SentenceRecord]:
     """One record per sentence of ``ids``: its source text and the selected hypotheses."""
-    nbest, too_long = translator.translate(ids, on_batch=progress.update)
+
+    def report(sentences: int) -> None:
+        if progress.update(sentences):
+            logger.info(f"translated {progress.line()}")
+
+    nbest, too_long = translator.translate(ids, on_batch=report)
     too_long = set(too_long)
     records = []
     for i in ids:
@@ -250,16 +228,16 @@ def translate_shard(translator: SplitTranslator, ids: range, args, progress: Pro
     return records
 
 
-def translate_shards(args, task, layout: ShardLayout, shards: Sequence[int], nbest: int, use_cuda: bool,
+def translate_shards(args, task, layout: ShardLayout, shards: Sequence[int], nbest: int, device: torch.device,
                      engine: dict) -> Progress:
     """Load the teacher, translate ``shards`` and save each as soon as it is done."""
     if engine["name"] == "ctranslate2":
-        translator = ct2_engine.build_translator(args, task, nbest, use_cuda, engine)
+        translator = ct2_engine.build_translator(args, task, nbest, device.type == "cuda", engine)
         logger.info(f"teacher: CTranslate2 ({engine['quantization']}) on {translator.device}, "
                     f"{torch.get_num_threads()} threads, beam {args.beam}, nbest {nbest}, select {args.select}")
     else:
-        device = torch.device("cuda") if use_cuda else torch.device("cpu")
-        models = load_teacher_models(task, args.teacher_path, args.fp16, device, args.teacher_dict_dir)
+        teacher = load_teacher(args.teacher_path, task, "fp16" if args.fp16 else "fp32", args.teacher_dict_dir, device)
+        models = teacher.models
         gen_cfg = GenerationConfig(beam=args.beam, nbest=nbest, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
                                    min_len=args.min_len, lenpen=args.lenpen, unkpen=args.unkpen)
         translator = TeacherTranslator(task, args.split, models, gen_cfg, args.max_tokens, args.batch_size, device,
@@ -282,8 +260,8 @@ def run(args) -> Optional[dict]:
     engine = ct2_engine.engine_record(args, nbest)
     if os.path.realpath(args.destdir) == os.path.realpath(args.data):
         raise DistillDataError("--destdir must differ from DATA: the outputs would overwrite its binarized splits")
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    if args.fp16 and not use_cuda:
+    device = teacher_device(args)
+    if args.fp16 and device.type != "cuda":
         raise DistillDataError("--fp16 needs a CUDA device (and no --cpu); on CPU the teacher runs in fp32")
 
     task = load_split(args.data, args.split, args.source_lang, args.target_lang)
@@ -304,7 +282,7 @@ def run(args) -> Optional[dict]:
     )
 
     if todo:
-        progress = translate_shards(args, task, layout, todo, nbest, use_cuda, engine)
+        progress = translate_shards(args, task, layout, todo, nbest, device, engine)
         logger.info(
             f"worker {args.worker_id}/{args.num_workers}: translated {len(todo)} shards, {progress.done} sentences "
             f"in {progress.elapsed():.1f}s ({progress.rate():.1f} sentences/s); {len(mine) - len(todo)} of its "
@@ -333,7 +311,6 @@ def run(args) -> Optional[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    setup_logging()
     parser = get_parser()
     args = parser.parse_args(argv)
     run_command(parser.prog, lambda: run(args))

@@ -1,9 +1,10 @@
 """The plugin's command-line convention, shared by every ``fairseq-kd-*`` command.
 
-A problem the user can fix (a bad flag, a missing or foreign file) is raised as :class:`UserError`
-with a message that names the file or flag and says what to do; :func:`run_command` turns it into
-one line on stderr and exit status 2, never a traceback. Anything else is a bug and keeps its
-traceback.
+Each command's ``main`` parses its arguments and hands the work to :func:`run_command`, which sets
+up logging (:func:`setup_logging`) and runs it. A problem the user can fix (a bad flag, a missing
+or foreign file) is raised as :class:`UserError` with a message that names the file or flag and
+says what to do; :func:`run_command` turns it into one line on stderr and exit status 2, never a
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 import logging
@@ -31,7 +32,9 @@ def setup_logging() -> None:
 
 
 def run_command(prog: str, command: Callable[[], T]) -> T:
-    """Run ``command``; a :class:`UserError` ends the process with ``prog: error: ...`` and status 2."""
+    """:func:`setup_logging`, then run ``command``; a :class:`UserError` ends the process with
+    ``prog: error: ...`` and status 2."""
+    setup_logging()
     try:
         return command()
     except UserError as err:

@@ -12,15 +12,13 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from fairseq_kd.cli.errors import run_command, setup_logging
+from fairseq_kd.cli.errors import run_command
 from fairseq_kd.ct2_export import QUANTIZATIONS, RECORD, export
-
-PROG = "fairseq-kd-export-ct2"
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog="fairseq-kd-export-ct2",
         description="Convert a fairseq transformer checkpoint to a CTranslate2 model (needs the ct2 extra: "
         "pip install -e .[ct2]); writes the model, the copied files and " + RECORD + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -48,9 +46,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    setup_logging()
-    args = get_parser().parse_args(argv)
-    record = run_command(PROG, lambda: export(
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    record = run_command(parser.prog, lambda: export(
         args.checkpoint, args.data, args.output_dir, args.quantization, args.source_lang, args.target_lang,
         args.copy, dict_dir=args.dict_dir,
     ))

@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 from fairseq import models, tasks
-from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from omegaconf import OmegaConf, open_dict
 
-from fairseq_kd.cli.errors import UserError, run_command, setup_logging
+from fairseq_kd.cli.errors import UserError, run_command
+from fairseq_kd.cli.inputs import add_teacher_arguments, load_teacher
+from fairseq_kd.fileio import write_file
 from fairseq_kd.safe_load import load_checkpoint
 from fairseq_kd.student_init import (
     STRATEGIES,
@@ -31,10 +32,6 @@ from fairseq_kd.student_init import (
     student_checkpoint,
     student_config,
 )
-from fairseq_kd.teacher import check_teacher_dictionaries, find_teacher_dictionary_dir
-
-
-PROG = "fairseq-kd-init-student"
 
 
 def layer_map_argument(text: str):
@@ -47,7 +44,7 @@ def layer_map_argument(text: str):
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog="fairseq-kd-init-student",
         description="Write a student checkpoint with the teacher's architecture and fewer layers, its "
         "weights copied from the teacher: embeddings, positional embeddings, output projection and "
         "layer norms by name, each student layer from the teacher layer the strategy picks.",
@@ -56,15 +53,8 @@ def get_parser() -> argparse.ArgumentParser:
         "data",
         help="the binarized data directory the teacher's dictionaries are in (the student's training data)",
     )
-    parser.add_argument("--teacher", required=True, metavar="CHECKPOINT", help="the teacher's fairseq checkpoint")
+    add_teacher_arguments(parser, ensemble=False)
     parser.add_argument("--output", required=True, metavar="FILE", help="where to write the student checkpoint")
-    parser.add_argument(
-        "--teacher-dict-dir",
-        metavar="DIR",
-        help="directory with the teacher's dict.SRC.txt/dict.TGT.txt (or dict.txt), checked against the data's; "
-        "default: the teacher checkpoint's directory, then the data directory it was trained on (a relative "
-        "one is looked up next to the checkpoint, never in the current directory)",
-    )
     parser.add_argument(
         "--encoder-layers",
         type=int,
@@ -103,42 +93,28 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_teacher(path: str, data: str, dict_dir: Optional[str] = None):
-    """The teacher checkpoint's state, its config (with ``data`` as the task's data directory), the
-    task, and the teacher model loaded from it. The data's dictionaries must be the teacher's."""
+def load_teacher_and_task(path: str, data: str, dict_dir: Optional[str] = None):
+    """The teacher checkpoint's state, its config (fairseq's, legacy ``args`` converted on loading)
+    with ``data`` as the task's data directory, that task, and the teacher model, loaded the way
+    every command loads it (:func:`fairseq_kd.cli.inputs.load_teacher`: its dictionaries must be
+    the data's). The student keeps the teacher's config and task state."""
     state = load_checkpoint(path, "teacher checkpoint")
-    cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") is not None else state["cfg"]
-    teacher_dicts = find_teacher_dictionary_dir(path, cfg.task.get("data"), dict_dir)
+    cfg = state["cfg"]
     with open_dict(cfg):
         cfg.task.data = data
     task = tasks.setup_task(cfg.task)
-    check_teacher_dictionaries(teacher_dicts, task, path)
-    model = models.build_model(cfg.model, task, from_checkpoint=True)
-    model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
-    return state, cfg, task, model
-
-
-def save_atomically(state: dict, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``: a reader
-    never sees a half-written checkpoint."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    teacher = load_teacher(path, task, "fp32", dict_dir, torch.device("cpu"))
+    return state, cfg, task, teacher.models[0]
 
 
 def make_student(args: argparse.Namespace) -> dict:
     """Build the student that ``args`` describe, write its checkpoint, and return the record of
     how it was made (also stored in the checkpoint's ``extra_state["student_init"]``)."""
     if not os.path.isfile(args.teacher):
-        raise FileNotFoundError(f"teacher checkpoint not found: {args.teacher!r}")
+        raise UserError(f"teacher checkpoint not found: {args.teacher!r}; pass the teacher's checkpoint (--teacher)")
     if os.path.realpath(args.output) == os.path.realpath(args.teacher):
-        raise ValueError("--output is the teacher checkpoint itself; write the student elsewhere")
-    state, cfg, task, teacher = load_teacher(args.teacher, args.data, args.teacher_dict_dir)
+        raise UserError("--output is the teacher checkpoint itself; write the student elsewhere")
+    state, cfg, task, teacher = load_teacher_and_task(args.teacher, args.data, args.teacher_dict_dir)
     teacher_state = teacher.state_dict()
     arch = getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", None)
     owner = f"teacher {args.teacher} (arch {arch})"
@@ -169,15 +145,17 @@ def make_student(args: argparse.Namespace) -> dict:
         "encoder_layer_map": layer_maps["encoder"],
         "decoder_layer_map": layer_maps["decoder"],
     }
-    save_atomically(
-        student_checkpoint(student_cfg, student.state_dict(), state.get("task_state", {}), record), args.output
-    )
+    checkpoint = student_checkpoint(student_cfg, student.state_dict(), state.get("task_state", {}), record)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    write_file(args.output, lambda f: torch.save(checkpoint, f), binary=True)  # never seen half-written
     record["parameters"] = sum(p.numel() for p in student.parameters())
     return record
 
 
 def make_student_or_fail(args: argparse.Namespace) -> dict:
-    """:func:`make_student`; the problems of the user's input (flags, files) as :class:`UserError`."""
+    """:func:`make_student`; the problems of the user's input it meets outside this module (layer
+    maps and architectures :mod:`fairseq_kd.student_init` refuses, an unreadable checkpoint, a data
+    directory without dictionaries) as :class:`UserError`."""
     try:
         return make_student(args)
     except (ValueError, FileNotFoundError) as err:  # CheckpointError is a ValueError
@@ -185,9 +163,9 @@ def make_student_or_fail(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> None:
-    setup_logging()
-    args = get_parser().parse_args(argv)
-    record = run_command(PROG, lambda: make_student_or_fail(args))
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    record = run_command(parser.prog, lambda: make_student_or_fail(args))
     print(
         f"student: {len(record['encoder_layer_map'])} encoder and {len(record['decoder_layer_map'])} decoder "
         f"layers from the teacher's {record['teacher_encoder_layers']} and {record['teacher_decoder_layers']} "

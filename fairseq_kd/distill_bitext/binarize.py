@@ -14,7 +14,8 @@ from typing import List, Sequence
 import numpy as np
 from fairseq.data import Dictionary, indexed_dataset
 
-from fairseq_kd.distill_bitext.shards import CountMismatchError, atomic_output
+from fairseq_kd.distill_bitext.shards import CountMismatchError
+from fairseq_kd.fileio import atomic_output
 
 
 def binarize_lines(lines: Sequence[str], dictionary: Dictionary, prefix: str) -> None:

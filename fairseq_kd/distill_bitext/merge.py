@@ -13,7 +13,6 @@ writes, each file atomically:
 * ``SPLIT.kd.summary.json``: the counts (deterministic, so a resumed run writes the same bytes).
 """
 
-import json
 import logging
 import os
 import shutil
@@ -23,13 +22,8 @@ from fairseq.data import Dictionary
 
 from fairseq_kd.distill_bitext.binarize import binarize_lines, binarized_prefix, copy_binarized_split
 from fairseq_kd.distill_bitext.filters import FilterConfig, Pair, apply_filters
-from fairseq_kd.distill_bitext.shards import (
-    CountMismatchError,
-    DistillDataError,
-    ShardLayout,
-    atomic_output,
-    split_state_path,
-)
+from fairseq_kd.distill_bitext.shards import CountMismatchError, DistillDataError, ShardLayout, split_state_path
+from fairseq_kd.fileio import atomic_output, write_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +65,7 @@ def write_lines(path: str, lines: Sequence[str]) -> None:
                 "nothing was replaced"
             )
 
-    with atomic_output(path, verify=count) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        out.writelines(line + "\n" for line in lines)
+    write_file(path, lambda out: out.writelines(line + "\n" for line in lines), verify=count)
 
 
 def merge(layout: ShardLayout, num_sentences: int, data: str, destdir: str, split: str, src: str, tgt: str,
@@ -111,8 +104,5 @@ def merge(layout: ShardLayout, num_sentences: int, data: str, destdir: str, spli
         "pairs_written": len(kept),
         "copied_splits": copied,
     }
-    with atomic_output(split_state_path(destdir, split, "summary.json")) as tmp:
-        with open(tmp, "w", encoding="utf-8") as out:
-            json.dump(summary, out, indent=1)
-            out.write("\n")
+    write_json(split_state_path(destdir, split, "summary.json"), summary, indent=1)
     return summary

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 from fairseq_kd.cli.errors import UserError
 from fairseq_kd.distill_bitext.selection import Hypothesis
-from fairseq_kd.fileio import atomic_output, changed_teacher, is_temporary, temporary_path  # noqa: F401  (atomic_output: used by merge, binarize)
+from fairseq_kd.fileio import changed_teacher, is_temporary, refuse_other_settings, write_file, write_json
 
 
 class DistillDataError(UserError):
@@ -117,8 +117,7 @@ class ShardLayout:
         os.makedirs(self.dir, exist_ok=True)
         for stale in glob.glob(os.path.join(self.dir, f".{k:06d}.jsonl.*.tmp")):  # left by a killed run
             os.remove(stale)
-        with atomic_output(self.path(k)) as tmp, open(tmp, "w", encoding="utf-8") as out:
-            out.writelines(r.to_json() + "\n" for r in records)
+        write_file(self.path(k), lambda out: out.writelines(r.to_json() + "\n" for r in records))
 
     def read(self, k: int) -> List[SentenceRecord]:
         """The records of shard ``k``, checked to be the whole shard, each text one line."""
@@ -203,33 +202,22 @@ def check_manifest(path: str, manifest: Dict) -> None:
                 "which must not be mixed with this one's: write to a new --destdir for this teacher (or put the "
                 "original checkpoint back to resume)"
             )
-    diffs = [
-        f"  {key}: {stored.get(key, '(unset)')!r} in {path}, {manifest.get(key, '(unset)')!r} now"
-        for key in sorted(set(stored) | set(manifest))
-        if stored.get(key) != manifest.get(key)
-    ]
-    raise DistillDataError(
-        f"{path}: this split was started with different arguments:\n" + "\n".join(diffs)
-        + "\nResume with the same arguments, or write to a new --destdir (shards made with other settings "
-        "cannot be mixed)."
+    refuse_other_settings(
+        stored, manifest, path, f"{path}: this split was started with different arguments",
+        "Resume with the same arguments, or write to a new --destdir (shards made with other settings cannot be "
+        "mixed).", DistillDataError,
     )
 
 
 def check_or_create_manifest(path: str, manifest: Dict) -> None:
     """Record ``manifest`` at ``path``, or, when a record exists, refuse to go on unless it is
-    identical. Creation uses ``os.link``, which fails if the file exists, so that concurrent
+    identical. The record is created exclusively (it fails if the file exists), so that concurrent
     workers starting together agree on one record."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     if not os.path.exists(path):
-        tmp = temporary_path(path)
-        with open(tmp, "w", encoding="utf-8") as out:
-            json.dump(json.loads(json.dumps(manifest)), out, indent=1, sort_keys=True)
-            out.write("\n")
         try:
-            os.link(tmp, path)
+            write_json(path, manifest, indent=1, sort_keys=True, exclusive=True)
         except FileExistsError:  # another worker was first: compare with its record below
             pass
-        finally:
-            os.remove(tmp)
     check_manifest(path, manifest)

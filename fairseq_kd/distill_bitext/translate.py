@@ -18,55 +18,9 @@ import numpy as np
 import torch
 from fairseq import utils
 from fairseq.dataclass.configs import GenerationConfig
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from fairseq_kd.distill_bitext.binarize import empty_binarized_files
 from fairseq_kd.distill_bitext.selection import Hypothesis
 from fairseq_kd.distill_bitext.shards import DistillDataError
-from fairseq_kd.teacher import Teacher
-
-
-def load_split(data: str, split: str, source_lang: Optional[str], target_lang: Optional[str]) -> TranslationTask:
-    """A translation task over the binarized ``data`` directory with ``split`` loaded; the
-    language pair is inferred from the file names when not given."""
-    # the three fields fairseq fills from its global config by interpolation, set explicitly
-    cfg = TranslationConfig(data=data, source_lang=source_lang, target_lang=target_lang, dataset_impl=None,
-                            train_subset="train", required_seq_len_multiple=1)
-    try:
-        task = TranslationTask.setup_task(cfg)
-        empty = empty_binarized_files(data, split, task.cfg.source_lang, task.cfg.target_lang)
-        if empty:
-            raise DistillDataError(f"split {split!r} of {data} has no sentences ({empty[0]} is empty); "
-                                   "pass a split that has some (--split)")
-        task.load_dataset(split, combine=False)
-    except DistillDataError:
-        raise
-    except Exception as e:  # FileNotFoundError for a missing split, plain Exception for an unknown pair
-        raise DistillDataError(f"cannot load split {split!r} from {data}: {e}") from e
-    return task
-
-
-def load_teacher_models(task, teacher_path: str, fp16: bool, device: torch.device, dict_dir: Optional[str]):
-    """The teacher checkpoint(s) of ``teacher_path`` (``:``-separated) on ``device``, in fp16 if
-    asked (CUDA only), prepared for inference.
-
-    Loading goes through :meth:`fairseq_kd.teacher.Teacher.load`: fairseq's ``checkpoint_utils``
-    under the plugin's safe unpickling, with a check that each teacher's dictionaries are the
-    data's (a teacher fed ids from another vocabulary translates garbage without any error).
-    """
-    try:
-        teacher = Teacher.load(teacher_path, task, precision="fp16" if fp16 else "fp32", dict_dir=dict_dir)
-        teacher.to(device)
-    except (FileNotFoundError, ValueError) as e:
-        raise DistillDataError(str(e)) from e
-    # Teacher freezes its parameters (requires_grad False). On CPU with torch 2.13, F.linear on a 3-D
-    # input is several times slower with such a weight than with one that requires grad (measured:
-    # 320x1x256 @ 8000x256, 1 thread, 270 ms vs 40 ms; 2-D inputs are not affected), and every linear
-    # layer of the decoder gets a 3-D input: beam search ran at half fairseq-generate's speed.
-    # Generation runs under torch.no_grad (task.inference_step), so no graph is built either way.
-    for model in teacher.models:
-        model.requires_grad_(True)
-    return teacher.models
 
 
 class SplitTranslator:
@@ -78,7 +32,7 @@ class SplitTranslator:
     Subclasses decode one batch in :meth:`translate_batch`.
 
     Args:
-        task: a translation task with ``split`` loaded (:func:`load_split`).
+        task: a translation task with ``split`` loaded (:func:`fairseq_kd.cli.inputs.load_split`).
         max_tokens, batch_size: batch limits (either may be None, not both).
         max_source_positions: the longest source (units, with EOS) the teacher accepts.
         skip_too_long: return sentences longer than that as skipped instead of raising.
@@ -142,8 +96,8 @@ class TeacherTranslator(SplitTranslator):
     """Beam search with fairseq's ``SequenceGenerator`` over chosen sentences of a loaded split.
 
     Args:
-        task: a translation task with ``split`` loaded (:func:`load_split`).
-        models: the teacher ensemble, already on ``device``.
+        task: a translation task with ``split`` loaded (:func:`fairseq_kd.cli.inputs.load_split`).
+        models: the teacher ensemble (:attr:`fairseq_kd.teacher.Teacher.models`), already on ``device``.
         gen_cfg: fairseq's generation settings (beam, nbest, max_len_a/b, lenpen, ...).
         max_tokens, batch_size, skip_too_long: as for :class:`SplitTranslator`.
     """
@@ -156,6 +110,12 @@ class TeacherTranslator(SplitTranslator):
         super().__init__(task, split, max_tokens, batch_size, max_source_positions, skip_too_long)
         self.models, self.gen_cfg, self.device = models, gen_cfg, device
         for model in models:
+            # Teacher freezes its parameters (requires_grad False). On CPU with torch 2.13, F.linear on a 3-D
+            # input is several times slower with such a weight than with one that requires grad (measured:
+            # 320x1x256 @ 8000x256, 1 thread, 270 ms vs 40 ms; 2-D inputs are not affected), and every linear
+            # layer of the decoder gets a 3-D input: beam search ran at half fairseq-generate's speed.
+            # Generation runs under torch.no_grad (task.inference_step), so no graph is built either way.
+            model.requires_grad_(True)
             model.prepare_for_inference_(types.SimpleNamespace(generation=gen_cfg))
         self.generator = task.build_generator(models, gen_cfg)
 

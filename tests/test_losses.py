@@ -12,6 +12,7 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss as fairseq_ls_nll
 
 from fairseq_kd import losses
+from fairseq_kd.criterions import flag_checks
 
 PAD = 1
 
@@ -86,41 +87,41 @@ def label_smoothed(logits, target, eps, pad_mask):
 def distillation_loss(student_logits, teacher_lprobs, temperature, pad_mask, kind="kl", teacher_ids=None):
     """The KD term alone of losses.student_losses, against a teacher given by its log-probabilities."""
     target = torch.zeros(pad_mask.shape, dtype=torch.long)
-    teacher = losses.TeacherDistribution.from_log_probs(teacher_lprobs, teacher_ids)
+    teacher = losses.StoredTeacher.from_log_probs(teacher_lprobs, teacher_ids)
     return losses.student_losses(student_logits, target, pad_mask, 0.0, teacher, temperature, kind).kd
 
 
 # ---------------------------------------------------------------------------------------------
-# check_alpha / check_temperature
+# check_alpha / check_temperature (fairseq_kd.criterions.flag_checks)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, 1.0000001, float("inf"), float("nan")])
 def test_check_alpha_rejects_outside_unit_interval(value):
     with pytest.raises(ValueError, match=r"--alpha must lie in \[0, 1\]"):
-        losses.check_alpha("alpha", value)
+        flag_checks.check_alpha("alpha", value)
 
 
 def test_check_alpha_names_the_flag_with_dashes():
     with pytest.raises(ValueError, match="--kd-alpha") as info:
-        losses.check_alpha("kd_alpha", 2.0)
+        flag_checks.check_alpha("kd_alpha", 2.0)
     assert "2.0" in str(info.value)
 
 
 @pytest.mark.parametrize("value", [0.0, 0.25, 1.0])
 def test_check_alpha_accepts_unit_interval(value):
-    assert losses.check_alpha("alpha", value) is None
+    assert flag_checks.check_alpha("alpha", value) is None
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, -1.0, float("nan"), float("-inf")])
 def test_check_temperature_rejects_non_positive(value):
     with pytest.raises(ValueError, match="--temperature must be > 0"):
-        losses.check_temperature(value)
+        flag_checks.check_temperature(value)
 
 
 @pytest.mark.parametrize("value", [1e-3, 0.5, 1.0, 2.0])
 def test_check_temperature_accepts_positive(value):
-    assert losses.check_temperature(value) is None
+    assert flag_checks.check_temperature(value) is None
 
 
 # ---------------------------------------------------------------------------------------------

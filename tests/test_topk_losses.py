@@ -74,7 +74,7 @@ def test_sparse_equals_dense_with_zero_mass_elsewhere(case):
     student, teacher, pad_mask, k = case
     top = torch.log_softmax(teacher, -1).topk(k, dim=-1)
     q_lprobs = losses.topk_teacher_distribution(top.values, top.indices, 1.0).probs.log()
-    dense = losses.TeacherDistribution.from_log_probs(
+    dense = losses.StoredTeacher.from_log_probs(
         torch.full(teacher.shape, float("-inf")).scatter(1, top.indices, q_lprobs)
     )
     target = torch.zeros(pad_mask.shape, dtype=torch.long)

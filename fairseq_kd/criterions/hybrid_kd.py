@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_kd import losses
+from fairseq_kd.criterions.flag_checks import check_weights
 from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
 from fairseq_kd.registry import register_criterion_once
 
@@ -66,7 +66,7 @@ class HybridKDCriterion(KDCriterionBase):
     def __init__(self, task, seq_nll_weight, seq_kd_weight, word_kd_weight, word_kd_prefix, temperature,
                  kd_loss, label_smoothing, sentence_avg):
         super().__init__(task, sentence_avg, label_smoothing, temperature, kd_loss)
-        losses.check_weights("hybrid_kd", {
+        check_weights("hybrid_kd", {
             "--seq-nll-weight": seq_nll_weight, "--seq-kd-weight": seq_kd_weight, "--word-kd-weight": word_kd_weight,
         })
         self.seq_nll_weight = seq_nll_weight

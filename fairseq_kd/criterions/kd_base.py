@@ -8,6 +8,7 @@ from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
 from fairseq_kd import losses
+from fairseq_kd.criterions.flag_checks import check_label_smoothing, check_temperature
 
 
 def cached_topk(sample):
@@ -38,10 +39,8 @@ class KDCriterionBase(FairseqCriterion):
 
     def __init__(self, task, sentence_avg, label_smoothing=0.0, temperature=1.0, kd_loss="kl"):
         super().__init__(task)
-        losses.check_temperature(temperature)
-        losses.check_finite({"--label-smoothing": label_smoothing})
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1) (0 = none, 0.1 is usual), got {label_smoothing}")
+        check_temperature(temperature)
+        check_label_smoothing(label_smoothing)
         self.sentence_avg = sentence_avg
         self.eps = label_smoothing
         self.temperature = temperature
@@ -83,7 +82,7 @@ class KDCriterionBase(FairseqCriterion):
         elif with_kd:
             if teacher_outputs is None:
                 teacher_outputs = self.teacher_outputs(net_input, logits.device)
-            teacher = losses.TeacherDistribution.from_logits([z.reshape(-1, vocab) for z, _ in teacher_outputs])
+            teacher = losses.OnlineTeacher([z.reshape(-1, vocab) for z, _ in teacher_outputs])
         # the logits are read by nothing but this loss: their memory takes their gradient
         terms = losses.student_losses(
             logits.reshape(-1, vocab), target.reshape(-1), pad_mask.view(-1), self.eps, teacher, self.temperature,

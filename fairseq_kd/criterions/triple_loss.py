@@ -7,6 +7,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
+from fairseq_kd.criterions.flag_checks import check_weights
 from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
 from fairseq_kd.hidden_states import decoder_final_states, state_widths
 from fairseq_kd.registry import register_criterion_once
@@ -58,8 +59,8 @@ class TripleLossCriterion(KDCriterionBase):
     def __init__(self, task, kd_weight, nll_weight, cos_weight, cos_states, width_mismatch, temperature, kd_loss,
                  label_smoothing, sentence_avg):
         super().__init__(task, sentence_avg, label_smoothing, temperature, kd_loss)
-        losses.check_weights("triple_loss", {"--kd-weight": kd_weight, "--nll-weight": nll_weight,
-                                             "--cos-weight": cos_weight})
+        check_weights("triple_loss", {"--kd-weight": kd_weight, "--nll-weight": nll_weight,
+                                      "--cos-weight": cos_weight})
         if kd_weight > 0 or cos_weight > 0:
             self.require_teacher()
         if cos_weight > 0 and getattr(task.cfg, "teacher_cache", None):

@@ -13,11 +13,11 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_l
 from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
+from fairseq_kd.criterions.flag_checks import check_finite
 from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.hidden_states import state_widths
-from fairseq_kd.losses import check_finite
 from fairseq_kd.registry import register_task_once
 from fairseq_kd.safe_load import check_checkpoint
 from fairseq_kd.student_init import STRATEGIES as STUDENT_INIT_STRATEGIES, init_student_from_teacher

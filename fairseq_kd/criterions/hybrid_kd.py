@@ -7,6 +7,7 @@ from omegaconf import II
 
 from fairseq_kd.criterions.flag_checks import check_weights
 from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
+from fairseq_kd.data.batch_keys import TEACHER_NET_INPUT, TEACHER_NTOKENS, TEACHER_TARGET
 from fairseq_kd.registry import register_criterion_once
 
 
@@ -53,7 +54,7 @@ class HybridKDCriterion(KDCriterionBase):
     teacher's translations are: one that repeats itself up to the length limit does not outweigh
     the rest of its batch. With ``--sentence-avg`` L is divided by the sentences and r = 1.
     NLL_eps is the label-smoothed NLL; NLL(y_teacher) is sequence-level KD on the teacher's beam
-    output (from ``--kd-data`` in paired mode, ``sample["kd_target"]``); KD is Hinton et al. 2015's
+    output (from ``--kd-data`` in paired mode, ``sample["teacher_target"]``); KD is Hinton et al. 2015's
     word-level term with the online teacher, on the teacher-target prefix, the gold prefix, or the
     sum over both (``--word-kd-prefix``); a --teacher-cache (built for the gold targets) can serve
     the gold prefix only, so it fits ``--seq-kd-weight 0 --word-kd-prefix gold``.
@@ -103,7 +104,7 @@ class HybridKDCriterion(KDCriterionBase):
             or (self.word_kd_weight > 0 and "gold" in self.word_kd_prefixes)
         )
         needs_teacher_pass, gold_weight = self.uses_teacher_targets, self.seq_nll_weight
-        if needs_teacher_pass and "kd_target" not in sample:
+        if needs_teacher_pass and TEACHER_TARGET not in sample:
             if model.training:
                 raise ValueError(
                     f"{self.__class__.__name__} needs the teacher's translations: pass --kd-data DIR "
@@ -116,8 +117,10 @@ class HybridKDCriterion(KDCriterionBase):
         if needs_gold_pass:
             passes.append(("gold", sample["net_input"], sample["target"], gold_weight, "nll_loss"))
         if needs_teacher_pass:
-            passes.append(("teacher", sample["kd_net_input"], sample["kd_target"], self.seq_kd_weight, "seq_kd_nll_loss"))
-            log["kd_ntokens"] = sample["kd_ntokens"]
+            passes.append(
+                ("teacher", sample[TEACHER_NET_INPUT], sample[TEACHER_TARGET], self.seq_kd_weight, "seq_kd_nll_loss")
+            )
+            log[TEACHER_NTOKENS] = sample[TEACHER_NTOKENS]
 
         kd_weighted, kd_total, kd_positions = 0.0, 0.0, 0
         for prefix, net_input, target, nll_weight, nll_key in passes:
@@ -125,7 +128,7 @@ class HybridKDCriterion(KDCriterionBase):
             with_kd = self.word_kd_weight > 0 and prefix in self.word_kd_prefixes
             cache = cached_topk(sample) if prefix == "gold" else None
             terms, pad_mask = self.student_terms(net_output, net_input, target, with_kd, cache)
-            r = 1.0 if prefix == "gold" or self.sentence_avg else sample["ntokens"] / sample["kd_ntokens"]
+            r = 1.0 if prefix == "gold" or self.sentence_avg else sample["ntokens"] / sample[TEACHER_NTOKENS]
             loss = loss + nll_weight * r * terms.smoothed
             log[nll_key] = terms.nll.data
             if with_kd:

@@ -9,13 +9,14 @@ from fairseq.logging import metrics
 
 from fairseq_kd import losses
 from fairseq_kd.criterions.flag_checks import check_label_smoothing, check_temperature
+from fairseq_kd.data.batch_keys import TEACHER_NTOKENS, TEACHER_TOPK_IDS, TEACHER_TOPK_LPROBS
 
 
 def cached_topk(sample):
     """The batch's offline teacher (top-k ids, log-probs), aligned with ``sample["target"]``, if
     the task loaded a --teacher-cache for this split."""
-    if "teacher_topk_ids" in sample:
-        return sample["teacher_topk_ids"], sample["teacher_topk_lprobs"]
+    if TEACHER_TOPK_IDS in sample:
+        return sample[TEACHER_TOPK_IDS], sample[TEACHER_TOPK_LPROBS]
     return None
 
 
@@ -32,7 +33,7 @@ class KDCriterionBase(FairseqCriterion):
     LOSS_DENOMINATORS = {
         "nll_loss": "ntokens",
         "teacher_nll_loss": "ntokens",
-        "seq_kd_nll_loss": "kd_ntokens",
+        "seq_kd_nll_loss": TEACHER_NTOKENS,
         "kd_loss": "kd_positions",
         "cos_loss": "cos_positions",
     }

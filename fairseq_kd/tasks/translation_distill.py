@@ -14,6 +14,7 @@ from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
 from fairseq_kd.criterions.flag_checks import check_finite
+from fairseq_kd.data.batch_keys import TEACHER_TARGET
 from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
@@ -92,7 +93,7 @@ class TranslationDistillConfig(TranslationConfig):
         default="paired",
         metadata={
             "help": "paired: each batch carries the teacher target of the same source as "
-            "sample['kd_target'] (for seq_kd_interp / hybrid_kd); concat: train on gold + teacher "
+            f"sample['{TEACHER_TARGET}'] (for seq_kd_interp / hybrid_kd); concat: train on gold + teacher "
             "(+ --extra-data) pairs (Gordon & Duh 2019 base+kd); ratio: draw from them each epoch "
             "in --mix-ratios proportions"
         },

@@ -7,6 +7,7 @@ hold only the student. The task holds a :class:`Teacher` in a plain attribute in
 """
 
 import contextlib
+import enum
 import logging
 import os
 from typing import List, Optional, Sequence
@@ -16,6 +17,7 @@ from fairseq import models
 from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerDecoderBase
 
+from fairseq_kd.hidden_states import decoder_final_states
 from fairseq_kd.safe_load import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,14 @@ def check_teacher_dictionaries(directory: str, task, checkpoint: Optional[str] =
         )
 
 
+class TeacherSource(str, enum.Enum):
+    """Where a task takes the teacher's distribution from during training."""
+
+    ONLINE = "online"  # a teacher in memory, run on every batch
+    CACHE = "cache"  # its stored top-k (--teacher-cache); no teacher in memory
+    NONE = "none"
+
+
 class Teacher:
     """One frozen translation model, or an ensemble of them, that produces logits for a batch.
 
@@ -223,6 +233,10 @@ class Teacher:
         for model in self.models:
             model.eval()
             model.requires_grad_(False)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.models) > 1
 
     @classmethod
     def load(cls, teacher_path: str, task, precision: str = "auto", dict_dir: Optional[str] = None) -> "Teacher":
@@ -282,6 +296,10 @@ class Teacher:
     def logits(self, src_tokens, src_lengths, prev_output_tokens) -> List[torch.Tensor]:
         """Each teacher's output logits, (B, T, V), for teacher-forced ``prev_output_tokens``."""
         return [logits for logits, _ in self.outputs(src_tokens, src_lengths, prev_output_tokens)]
+
+    def decoder_states(self, outputs: Sequence[tuple]) -> List[torch.Tensor]:
+        """Each teacher's final decoder states, (B, T, C), from its :meth:`outputs`."""
+        return [decoder_final_states(model, extra) for model, (_, extra) in zip(self.models, outputs)]
 
     @torch.no_grad()
     def encoder_states(self, src_tokens, src_lengths) -> List[torch.Tensor]:

@@ -42,7 +42,7 @@ def setup(data_dir):  # noqa: F811
     student = task.build_model(cfg.model)
     torch.manual_seed(1)
     teacher = task.build_model(cfg.model)
-    task._teacher = Teacher([teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher], precision="fp32"))
     src = sentences(task, (5, 3, 7, 2), seed=0)
     gold = pairs(task, src, sentences(task, (4, 6, 2, 5), seed=1))
     kd = pairs(task, src, sentences(task, (3, 6, 8, 11), seed=2))  # longer than the gold targets in all
@@ -217,7 +217,7 @@ def test_teacher_targets_are_required_at_start_up(data_dir, criterion, flags):  
 def test_hybrid_kd_on_the_gold_prefix_needs_no_teacher_targets(data_dir):  # noqa: F811
     cfg = parse(data_dir, criterion="hybrid_kd")
     task = tasks.setup_task(cfg.task)
-    task._teacher = Teacher([task.build_model(cfg.model)], precision="fp32")
+    task.set_teacher(Teacher([task.build_model(cfg.model)], precision="fp32"))
     crit = task.build_criterion(parse_criterion(task, "hybrid_kd", "--seq-kd-weight", "0", "--word-kd-prefix", "gold"))
     assert not crit.uses_teacher_targets
 

@@ -26,8 +26,7 @@ def build(data_dir, teacher_dim, *flags):  # noqa: F811
                         "--decoder-embed-dim", str(teacher_dim), criterion="triple_loss")
     torch.manual_seed(1)
     teacher = tasks.setup_task(teacher_cfg.task).build_model(teacher_cfg.model)
-    task.student_widths = {"encoder": 16, "decoder": 16}
-    task._teacher = Teacher([teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher], precision="fp32"))
     return task, student, teacher, make_sample(task), cfg.criterion
 
 
@@ -79,7 +78,7 @@ def test_triple_loss_matches_independent_computation(data_dir):  # noqa: F811
 
 def test_cosine_is_zero_for_identical_student_and_teacher(data_dir):  # noqa: F811
     task, student, teacher, sample, cfg = build(data_dir, 16)
-    task._teacher = Teacher([student], precision="fp32")
+    task.set_teacher(Teacher([student], precision="fp32"))
     _, _, log = task.build_criterion(cfg)(student, sample)
     assert float(log["cos_loss"]) == pytest.approx(0.0, abs=1e-4)
     assert float(log["kd_loss"]) == pytest.approx(0.0, abs=1e-4)
@@ -146,7 +145,7 @@ def test_zero_kd_weight_skips_the_kd_term(data_dir):  # noqa: F811
 
 def test_ensemble_is_refused_for_the_cosine_term_at_start_up(data_dir):  # noqa: F811
     task, _, teacher, _, cfg = build(data_dir, 16)
-    task._teacher = Teacher([teacher, teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher, teacher], precision="fp32"))
     with pytest.raises(ValueError, match="one teacher"):
         task.build_criterion(cfg)
 
@@ -169,13 +168,13 @@ def test_kd_term_from_a_cache_without_any_teacher(data_dir):  # noqa: F811
     loaded, and the loss equals word_kd's on the same batch (kd weight = alpha, NLL weight = 1 - alpha)."""
     task, student, teacher, sample, _ = build(data_dir, 16)
     sample = with_topk_cache(task, teacher, sample)
-    task._teacher = None  # no online teacher: only the (named) cache
+    task.set_teacher(None)  # no online teacher: only the (named) cache
     task.cfg.teacher_cache = "cache-dir"
     triple = TripleLossCriterion(task, kd_weight=0.3, nll_weight=0.7, cos_weight=0.0, cos_states="decoder",
                                  width_mismatch="error", temperature=T, kd_loss="kl", label_smoothing=EPS,
                                  sentence_avg=False)
     loss, _, log = triple(student, sample)
-    assert task._teacher is None and "teacher_nll_loss" not in log
+    assert not task.teacher_loaded and "teacher_nll_loss" not in log
     ids, lprobs = sample["teacher_topk_ids"], sample["teacher_topk_lprobs"]
     with torch.no_grad():
         zs = student(**sample["net_input"])[0].double()

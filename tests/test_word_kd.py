@@ -92,10 +92,8 @@ def setup(data_dir):
 
 
 def with_teachers(task, models):
-    """Hand the task an in-memory teacher. The criterion insists on --teacher-path at construction,
-    so a placeholder is set too; it is never read because the teacher is already there."""
-    task._teacher = Teacher(models, precision="fp32")
-    task.cfg.teacher_path = "in-memory-teacher.pt"
+    """Hand the task an in-memory teacher."""
+    task.set_teacher(Teacher(models, precision="fp32"))
     return task
 
 
@@ -371,5 +369,5 @@ def test_task_max_positions_are_narrowed_to_the_teachers(data_dir):
     assert teacher.max_positions() == (16, 12)
     task = tasks.setup_task(parse(data_dir).task)
     assert task.max_positions() == (1024, 1024)
-    task._teacher = Teacher([teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher], precision="fp32"))
     assert task.max_positions() == (16, 12)

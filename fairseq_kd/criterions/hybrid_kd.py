@@ -6,9 +6,10 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd.criterions.flag_checks import check_weights
-from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk, teacher_source
 from fairseq_kd.data.batch_keys import TEACHER_NET_INPUT, TEACHER_NTOKENS, TEACHER_TARGET
 from fairseq_kd.registry import register_criterion_once
+from fairseq_kd.teacher import TeacherSource
 
 
 @dataclass
@@ -82,12 +83,12 @@ class HybridKDCriterion(KDCriterionBase):
 
     def require_teacher_targets(self):
         """Fail at start-up when the task will not pair each gold target with the teacher's."""
-        cfg = self.task.cfg
-        if getattr(cfg, "kd_data", None) and cfg.kd_data_mode == "paired":
+        if getattr(self.task, "pairs_teacher_targets", False):
             return
         hint = (
             "; a --teacher-cache holds the teacher for the gold targets only: with it, use "
-            "--seq-kd-weight 0 --word-kd-prefix gold (or word_kd)" if getattr(cfg, "teacher_cache", None) else ""
+            "--seq-kd-weight 0 --word-kd-prefix gold (or word_kd)"
+            if teacher_source(self.task) is TeacherSource.CACHE else ""
         )
         raise ValueError(
             f"criterion {self.__class__.__name__} trains on the teacher's translations next to the gold "

@@ -10,6 +10,7 @@ from fairseq.logging import metrics
 from fairseq_kd import losses
 from fairseq_kd.criterions.flag_checks import check_label_smoothing, check_temperature
 from fairseq_kd.data.batch_keys import TEACHER_NTOKENS, TEACHER_TOPK_IDS, TEACHER_TOPK_LPROBS
+from fairseq_kd.teacher import TeacherSource
 
 
 def cached_topk(sample):
@@ -18,6 +19,12 @@ def cached_topk(sample):
     if TEACHER_TOPK_IDS in sample:
         return sample[TEACHER_TOPK_IDS], sample[TEACHER_TOPK_LPROBS]
     return None
+
+
+def teacher_source(task) -> TeacherSource:
+    """The task's :class:`~fairseq_kd.teacher.TeacherSource`; NONE for a task without a teacher
+    (e.g. fairseq's plain ``translation``)."""
+    return getattr(task, "teacher_source", TeacherSource.NONE)
 
 
 class KDCriterionBase(FairseqCriterion):
@@ -45,11 +52,11 @@ class KDCriterionBase(FairseqCriterion):
         self.sentence_avg = sentence_avg
         self.eps = label_smoothing
         self.temperature = temperature
-        self.kd_loss = kd_loss
+        self.kd_kind = kd_loss  # the --kd-loss flag: "kl" or "ce"
 
     def require_teacher(self):
         """Fail at start-up, not at the first batch, when the task cannot provide a teacher."""
-        if not (hasattr(self.task, "has_teacher") and self.task.has_teacher()):
+        if teacher_source(self.task) is TeacherSource.NONE:
             raise ValueError(
                 f"criterion {self.__class__.__name__} distils from an online teacher: use "
                 f"--task translation_distill --teacher-path TEACHER.pt (got task "
@@ -87,7 +94,7 @@ class KDCriterionBase(FairseqCriterion):
         # the logits are read by nothing but this loss: their memory takes their gradient
         terms = losses.student_losses(
             logits.reshape(-1, vocab), target.reshape(-1), pad_mask.view(-1), self.eps, teacher, self.temperature,
-            self.kd_loss, reuse_logits=True,
+            self.kd_kind, reuse_logits=True,
         )
         return terms, pad_mask
 

@@ -8,9 +8,10 @@ from omegaconf import II
 
 from fairseq_kd import losses
 from fairseq_kd.criterions.flag_checks import check_weights
-from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
-from fairseq_kd.hidden_states import decoder_final_states, state_widths
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk, teacher_source
+from fairseq_kd.hidden_states import decoder_final_states
 from fairseq_kd.registry import register_criterion_once
+from fairseq_kd.teacher import TeacherSource
 
 
 @dataclass
@@ -63,7 +64,7 @@ class TripleLossCriterion(KDCriterionBase):
                                       "--cos-weight": cos_weight})
         if kd_weight > 0 or cos_weight > 0:
             self.require_teacher()
-        if cos_weight > 0 and getattr(task.cfg, "teacher_cache", None):
+        if cos_weight > 0 and teacher_source(task) is TeacherSource.CACHE:
             raise ValueError(
                 "triple_loss's cosine term compares the teacher's hidden states, which a --teacher-cache "
                 "does not hold: distil from the cache with --cos-weight 0 (KD + NLL), or drop --teacher-cache "
@@ -71,13 +72,13 @@ class TripleLossCriterion(KDCriterionBase):
             )
         self.kd_weight, self.nll_weight, self.cos_weight = kd_weight, nll_weight, cos_weight
         self.sides = ("decoder", "encoder") if cos_states == "decoder+encoder" else ("decoder",)
-        if cos_weight > 0 and len(task.loaded_teacher().models) > 1:
+        if cos_weight > 0 and task.teacher().is_ensemble:
             raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
         self.projections = torch.nn.ModuleDict(self._projections(str(width_mismatch)) if cos_weight > 0 else {})
 
     def _projections(self, width_mismatch):
         """A linear map student width -> teacher width for each side whose widths differ."""
-        student, teacher = self.task.student_widths, state_widths(self.task.loaded_teacher().models[0])
+        student, teacher = self.task.student_widths, self.task.teacher_widths
         if student is None or None in [student[side] for side in self.sides] + [teacher[side] for side in self.sides]:
             raise ValueError(
                 "triple_loss compares the hidden states of fairseq transformers: build the student "
@@ -125,7 +126,7 @@ class TripleLossCriterion(KDCriterionBase):
 
         if self.cos_weight > 0:
             student_states = self._project("decoder", decoder_final_states(model, net_output[1]))
-            teacher_states = decoder_final_states(self.task.loaded_teacher().models[0], teacher_outputs[0][1])
+            teacher_states = self.task.teacher().decoder_states(teacher_outputs)[0]
             width = teacher_states.size(-1)
             cos_loss = losses.cosine_distance_loss(
                 student_states.reshape(-1, width), teacher_states.reshape(-1, width), pad_mask.view(-1)

@@ -65,12 +65,8 @@ def cpu_supports_bf16() -> bool:
     return bool(is_supported and is_supported())
 
 
-# oneDNN (which runs bf16 matrix products on CPU) keeps every primitive it builds, with its
-# generated code and buffers, in a cache of 1024 entries by default. A primitive is built per
-# operand shape, so a bf16 teacher fed batches of ever new shapes grows by several MB per batch
-# shape until the cache is full. benchmarks/teacher_memory.py, Multi30k's 125 batch shapes: +950 MB
-# uncapped, +430 MB with 16 entries (enough for the shapes within one forward pass), for 12% of the
-# bf16 teacher's speed (still 1.7x fp32's); docs/performance.md.
+# oneDNN keeps a primitive per operand shape (1024 by default), so a bf16 teacher on CPU grows with
+# every new batch shape; 16 entries hold the shapes of one forward pass (docs/performance.md).
 ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 ONEDNN_CACHE_CAPACITY = 16
 
@@ -310,8 +306,8 @@ class Teacher:
 
 def _forward(model, src_tokens, src_lengths, prev_output_tokens):
     """``model``'s (logits, extra). For fairseq transformers the output projection is applied to a
-    contiguous copy of the decoder's features: its output is a transposed (non-contiguous) view,
-    on which ``F.linear`` under CPU bf16 autocast was measured several times slower. Same logits."""
+    contiguous copy of the decoder's features (a transposed view), which CPU bf16 autocast
+    multiplies much faster (docs/performance.md). Same logits."""
     if not isinstance(model.decoder, TransformerDecoderBase):
         return model(src_tokens=src_tokens, src_lengths=src_lengths, prev_output_tokens=prev_output_tokens)
     features, extra = model(

@@ -47,22 +47,14 @@ class HybridKDCriterion(KDCriterionBase):
 
         L = a_seq_nll * NLL_eps(y_gold) + a_seq_kd * r * NLL_eps(y_teacher) + a_word_kd * T^2 * KD
         KD = sum_t KL(q_T(.|prefix_<t, x) || p_T(.|prefix_<t, x))     (--kd-loss ce: H(q_T, p_T))
-        r = |y_gold| / |y_teacher|
+        r = |y_gold| / |y_teacher|   (1 with --sentence-avg)
 
-    each term summed over the batch's target tokens, KD over the positions of its prefix (times r
-    on the teacher's). The trainer divides L by the batch's gold tokens |y_gold|, so every term is
-    a mean over its own target's tokens and the weights mix per-token losses, however long the
-    teacher's translations are: one that repeats itself up to the length limit does not outweigh
-    the rest of its batch. With ``--sentence-avg`` L is divided by the sentences and r = 1.
-    NLL_eps is the label-smoothed NLL; NLL(y_teacher) is sequence-level KD on the teacher's beam
-    output (from ``--kd-data`` in paired mode, ``sample["teacher_target"]``); KD is Hinton et al. 2015's
-    word-level term with the online teacher, on the teacher-target prefix, the gold prefix, or the
-    sum over both (``--word-kd-prefix``); a --teacher-cache (built for the gold targets) can serve
-    the gold prefix only, so it fits ``--seq-kd-weight 0 --word-kd-prefix gold``.
-    A term whose weight is 0 is not computed in training. Validation always logs the gold
-    ``nll_loss`` (comparable across criterions); a validation batch without teacher targets (no
-    valid split in --kd-data) counts the gold target for both sequence-level terms,
-    (a_seq_nll + a_seq_kd) * NLL_eps(y_gold), plus the gold-prefix word-level term.
+    each term summed over its target's tokens, KD over the positions of its prefix (times r on the
+    teacher's), so that after the trainer's division by |y_gold| the weights mix per-token means.
+    y_teacher is the teacher's translation (``--kd-data`` in paired mode); KD (Hinton et al. 2015)
+    is taken on the teacher-target prefix, the gold prefix or both (``--word-kd-prefix``). A term
+    whose weight is 0 is not computed in training; validation always logs the gold ``nll_loss``
+    (docs/seq-kd.md).
     """
 
     def __init__(self, task, seq_nll_weight, seq_kd_weight, word_kd_weight, word_kd_prefix, temperature,

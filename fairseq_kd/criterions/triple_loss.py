@@ -47,14 +47,10 @@ class TripleLossCriterion(KDCriterionBase):
 
     over non-pad target positions, h the decoder's final hidden states (the input of the output
     projection) of student and teacher on the gold prefix; with ``--cos-states decoder+encoder``
-    the encoder's final states are aligned too, over non-pad source positions (the student's are
-    read off its one forward pass; the teacher's encoder runs a second time). Pairs naturally
-    with a student initialised from the teacher's layers (``fairseq-kd-init-student``), whose
-    states start aligned. NVIDIA's NeMo NMT-distillation guide found the cosine term did not help
-    NMT in its setting; it is here to compare. The cosine term needs one online teacher (not an
-    ensemble, not a cache); with ``--cos-weight 0`` the KD term may come from a ``--teacher-cache`` (top-k, see
-    :func:`fairseq_kd.losses.topk_teacher_distribution`), with no teacher in memory. A term whose
-    weight is 0 is not computed.
+    the encoder's final states are aligned too, over non-pad source positions. The cosine term
+    needs one online teacher, neither an ensemble nor a cache; with ``--cos-weight 0`` the KD term
+    may come from a ``--teacher-cache``. A term whose weight is 0 is not computed
+    (docs/triple-loss.md).
     """
 
     def __init__(self, task, kd_weight, nll_weight, cos_weight, cos_states, width_mismatch, temperature, kd_loss,

@@ -15,7 +15,8 @@ from fairseq.data import LanguagePairDataset
 from fairseq_kd.data.batch_keys import TEACHER_NET_INPUT, TEACHER_NTOKENS, TEACHER_TARGET
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.teacher import Teacher
-from test_word_kd import data_dir, parse, softmax64  # noqa: F401  (fixtures)
+from reference import kd_terms64, label_smoothed_nll64, non_pad_positions, softmax64
+from test_word_kd import data_dir, parse  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,20 +58,12 @@ def sums(student, teacher, net_input, target, temperature, pad):
     with torch.no_grad():
         zs = student(**net_input)[0].double()
         zt = teacher(**net_input)[0].double()
-    vocab = zs.size(-1)
     ls = nll = kl = 0.0
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == pad:
-                continue
-            logp = torch.log(softmax64(zs[b, t]))
-            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
-            smooth[y] = 1 - EPS
-            ls += float(-(smooth * logp).sum())
-            nll += float(-logp[y])
-            p, q = softmax64(zs[b, t], temperature), softmax64(zt[b, t], temperature)
-            kl += float((q * (q.log() - p.log())).sum())
+    for b, t, y in non_pad_positions(target, pad):
+        logp = torch.log(softmax64(zs[b, t]))
+        ls += label_smoothed_nll64(logp, y, EPS)
+        nll += float(-logp[y])
+        kl += kd_terms64(softmax64(zt[b, t], temperature), softmax64(zs[b, t], temperature))[0]
     return ls, nll, kl
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fairseq_kd import losses
+from reference import student_terms64
 
 PAD = 1
 
@@ -23,23 +24,6 @@ def case(n=9, vocab=13, seed=0, dtype=torch.float32):
     return student, teacher, target, target.eq(PAD)
 
 
-def reference(student, teacher_probs, target, pad_mask, eps, temperature, kind):
-    """(smoothed, nll, kd) in float64 with explicit log-softmax, sums and masks."""
-    z = student.double()
-    vocab = z.size(-1)
-    log_p = z - torch.logsumexp(z, -1, keepdim=True)
-    keep = (~pad_mask).double()
-    nll_rows = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    smooth_rows = -log_p.sum(-1)
-    eps_i = eps / (vocab - 1)
-    smoothed = ((1 - eps - eps_i) * nll_rows + eps_i * smooth_rows) * keep
-    log_pt = z / temperature - torch.logsumexp(z / temperature, -1, keepdim=True)
-    q = teacher_probs.double()
-    log_q = torch.where(q > 0, q.log(), torch.zeros_like(q))
-    kd_rows = (q * ((log_q if kind == "kl" else 0.0) - log_pt)).sum(-1)
-    return smoothed.sum(), (nll_rows * keep).sum(), (kd_rows * keep).sum()
-
-
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("kind", ["kl", "ce"])
@@ -47,7 +31,7 @@ def test_three_terms_match_reference(temperature, eps, kind):
     student, teacher, target, pad_mask = case(seed=1)
     dist = losses.OnlineTeacher([teacher.float()])
     got = losses.student_losses(student, target, pad_mask, eps, dist, temperature, kind)
-    want = reference(student, torch.softmax(teacher / temperature, -1), target, pad_mask, eps, temperature, kind)
+    want = student_terms64(student, torch.softmax(teacher / temperature, -1), target, pad_mask, eps, temperature, kind)
     for g, w in zip(got[:3], want):
         assert g.dtype == torch.float32
         assert float(g) == pytest.approx(float(w), rel=2e-6)
@@ -168,7 +152,7 @@ def test_low_precision_logits_fp32_math_and_gradient_dtype(dtype):
     dist = losses.OnlineTeacher([teacher.to(dtype)])
     z = student.clone().requires_grad_(True)
     got = losses.student_losses(z, target, pad_mask, 0.1, dist, 2.0, "kl")
-    want = reference(student, torch.softmax(teacher.to(dtype).double() / 2.0, -1), target, pad_mask, 0.1, 2.0, "kl")
+    want = student_terms64(student, torch.softmax(teacher.to(dtype).double() / 2.0, -1), target, pad_mask, 0.1, 2.0, "kl")
     for g, w in zip(got[:3], want):
         assert g.dtype == torch.float32
         assert float(g) == pytest.approx(float(w), rel=1e-5)
@@ -204,7 +188,7 @@ def test_online_teacher_single_and_ensemble(temperature, kind):
         )
         q = sum(torch.softmax(z / temperature, -1) for z in logits) / len(logits)
         at_one = sum(torch.softmax(z, -1) for z in logits) / len(logits)
-        want_kd = reference(student, q, target, pad_mask, 0.0, temperature, kind)[2]
+        want_kd = student_terms64(student, q, target, pad_mask, 0.0, temperature, kind)[2]
         want_teacher_nll = -(at_one.gather(-1, target[:, None]).squeeze(-1).log() * keep).sum()
         assert float(terms.kd) == pytest.approx(float(want_kd), rel=1e-5)
         assert float(terms.teacher_nll) == pytest.approx(float(want_teacher_nll), rel=1e-5)

@@ -8,7 +8,8 @@ from fairseq import tasks
 
 from fairseq_kd.criterions.triple_loss import TripleLossCriterion
 from fairseq_kd.teacher import Teacher
-from test_word_kd import data_dir, make_sample, parse, softmax64  # noqa: F401  (fixtures)
+from reference import kd_terms64, label_smoothed_nll64, non_pad_positions, softmax64
+from test_word_kd import data_dir, make_sample, parse  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,22 +45,12 @@ def reference(student, teacher, sample, pad, projection=None):
         hs, ht = decoder_states(student, net_input), decoder_states(teacher, net_input)
         if projection is not None:
             hs = hs @ projection.weight.double().T
-    target = sample["target"]
-    vocab = zs.size(-1)
     out = dict(ls=0.0, kl=0.0, cos=0.0)
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == pad:
-                continue
-            logp = torch.log(softmax64(zs[b, t]))
-            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
-            smooth[y] = 1 - EPS
-            out["ls"] += float(-(smooth * logp).sum())
-            p, q = softmax64(zs[b, t], T), softmax64(zt[b, t], T)
-            out["kl"] += float((q * (q.log() - p.log())).sum())
-            a, c = hs[b, t], ht[b, t]
-            out["cos"] += 1.0 - float(a @ c) / (math.sqrt(float(a @ a)) * math.sqrt(float(c @ c)))
+    for b, t, y in non_pad_positions(sample["target"], pad):
+        out["ls"] += label_smoothed_nll64(torch.log(softmax64(zs[b, t])), y, EPS)
+        out["kl"] += kd_terms64(softmax64(zt[b, t], T), softmax64(zs[b, t], T))[0]
+        a, c = hs[b, t], ht[b, t]
+        out["cos"] += 1.0 - float(a @ c) / (math.sqrt(float(a @ a)) * math.sqrt(float(c @ c)))
     return out
 
 
@@ -179,19 +170,11 @@ def test_kd_term_from_a_cache_without_any_teacher(data_dir):  # noqa: F811
     with torch.no_grad():
         zs = student(**sample["net_input"])[0].double()
     expected_kd = expected_ls = 0.0
-    target = sample["target"]
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == task.target_dictionary.pad():
-                continue
-            p_t = softmax64(zs[b, t], T)
-            q = softmax64(lprobs[b, t].double(), T)  # the top-k renormalised at T
-            expected_kd += float((q * (q.log() - p_t[ids[b, t]].log())).sum())
-            vocab = zs.size(-1)
-            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
-            smooth[y] = 1 - EPS
-            expected_ls += float(-(smooth * torch.log(softmax64(zs[b, t]))).sum())
+    for b, t, y in non_pad_positions(sample["target"], task.target_dictionary.pad()):
+        p_t = softmax64(zs[b, t], T)
+        q = softmax64(lprobs[b, t].double(), T)  # the top-k renormalised at T
+        expected_kd += kd_terms64(q, p_t[ids[b, t]])[0]
+        expected_ls += label_smoothed_nll64(torch.log(softmax64(zs[b, t])), y, EPS)
     assert float(log["kd_loss"]) == pytest.approx(expected_kd, rel=1e-5)
     assert float(loss) == pytest.approx(0.3 * T**2 * expected_kd + 0.7 * expected_ls, rel=1e-5)
 

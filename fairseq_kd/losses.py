@@ -12,79 +12,64 @@ Notation: ``z`` are logits over a vocabulary of size V, ``T`` is the distillatio
 import math
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 
-def check_finite(values: dict) -> None:
-    """Refuse a NaN or infinite value of any flag in ``values`` ({"--flag": value}), naming the
-    flag: such a value would end in NaN gradients, or silently disable its term (NaN > 0 is False)."""
-    for flag, value in values.items():
-        if not math.isfinite(value):
-            raise ValueError(f"{flag} must be a finite number, got {value}")
-
-
-def check_weights(criterion: str, weights: dict) -> None:
-    """Refuse loss weights ({"--flag": value}) that are not finite, negative, or all 0."""
-    check_finite(weights)
-    negative = [f"{flag} {value}" for flag, value in weights.items() if value < 0]
-    if negative or not any(weights.values()):
-        raise ValueError(f"{criterion} weights must be >= 0 and not all 0, got {negative or weights}")
-
-
-def check_alpha(name: str, value: float) -> None:
-    """Refuse an interpolation weight outside [0, 1] (NaN included), naming the flag to change."""
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"--{name.replace('_', '-')} must lie in [0, 1] (it weights the distillation term "
-            f"against the gold NLL term), got {value}"
-        )
-
-
-def check_temperature(value: float) -> None:
-    """Refuse a temperature that is not a positive finite number: the softmax would be undefined,
-    inverted, or uniform (T = inf, whose KD term is then 0 * inf = NaN)."""
-    if not value > 0.0:
-        raise ValueError(
-            f"--temperature must be > 0 (T=1 is the plain softmax; Hinton et al. 2015 soften "
-            f"with T > 1, NVIDIA's NeMo NMT-distillation guide found T in [0.5, 1] best), got {value}"
-        )
-    check_finite({"--temperature": value})
-
-
-@dataclass
-class TeacherDistribution:
-    """The teacher's softened distribution q_T at N positions, as :func:`student_losses` takes it.
-
-    Either stored probabilities: ``probs`` (N, V) over the whole vocabulary, or (N, k) with ``ids``
-    for a sparse teacher whose other tokens have q_T = 0, each row summing to 1, and
-    ``neg_entropy`` (N,), ``sum_v q_T(v) log q_T(v)``; or an online teacher's K members' raw
-    ``logits`` (N, V), from which :func:`student_losses` computes q_T chunk by chunk::
+@dataclass(frozen=True)
+class OnlineTeacher:
+    """An online teacher's K members' raw logits, (N, V) each, any float dtype. Its distribution::
 
         q_T = (1/K) * sum_k softmax(z_k / T)
 
-    (probabilities averaged, not logits), so that no (N, V) float32 distribution is allocated next
-    to the logits.
+    (probabilities averaged, not logits) is computed by :func:`student_losses` chunk by chunk, so
+    that no (N, V) float32 distribution is allocated next to the logits.
     """
 
-    probs: Optional[torch.Tensor] = None
-    neg_entropy: Optional[torch.Tensor] = None
+    logits: Sequence[torch.Tensor]
+
+    @property
+    def ids(self) -> None:
+        """Dense: the logits cover the whole vocabulary."""
+        return None
+
+    def tensors(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(self.logits)
+
+    @classmethod
+    def from_tensors(cls, tensors) -> "OnlineTeacher":
+        return cls(tuple(tensors))
+
+
+@dataclass(frozen=True)
+class StoredTeacher:
+    """A teacher distribution q_T given as probabilities: ``probs`` (N, V) over the whole vocabulary,
+    or (N, k) over the tokens ``ids`` (N, k) of a sparse teacher whose other tokens have q_T = 0,
+    each row summing to 1; ``neg_entropy`` (N,) is ``sum_v q_T(v) log q_T(v)``."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
     ids: Optional[torch.Tensor] = None
-    logits: Sequence[torch.Tensor] = ()
 
     @classmethod
-    def from_logits(cls, logits: Sequence[torch.Tensor]) -> "TeacherDistribution":
-        """An online teacher (one or an ensemble) from each member's (N, V) logits, any float dtype."""
-        return cls(logits=list(logits))
-
-    @classmethod
-    def from_log_probs(cls, log_probs: torch.Tensor, ids: Optional[torch.Tensor] = None) -> "TeacherDistribution":
+    def from_log_probs(cls, log_probs: torch.Tensor, ids: Optional[torch.Tensor] = None) -> "StoredTeacher":
         """From log q_T, (N, V), or (N, k) with ``ids``; -inf marks a token with no teacher mass."""
         log_probs = log_probs.to(_compute_dtype(log_probs))
         probs = log_probs.exp()
         return cls(probs, torch.where(probs > 0, probs * log_probs, 0.0).sum(-1), ids)
+
+    def tensors(self) -> Tuple[Optional[torch.Tensor], ...]:
+        return self.probs, self.neg_entropy, self.ids
+
+    @classmethod
+    def from_tensors(cls, tensors) -> "StoredTeacher":
+        return cls(*tensors)
+
+
+#: the teacher's softened distribution at N positions, as :func:`student_losses` takes it
+TeacherDistribution = Union[OnlineTeacher, StoredTeacher]
 
 
 def teacher_log_probs(teacher_logits: Sequence[torch.Tensor], temperature: float) -> torch.Tensor:
@@ -111,7 +96,7 @@ def teacher_log_probs(teacher_logits: Sequence[torch.Tensor], temperature: float
     return total
 
 
-def topk_teacher_distribution(topk_lprobs: torch.Tensor, ids: torch.Tensor, temperature: float) -> TeacherDistribution:
+def topk_teacher_distribution(topk_lprobs: torch.Tensor, ids: torch.Tensor, temperature: float) -> StoredTeacher:
     """Teacher distribution from its k most probable tokens only, renormalised over them::
 
         log q_T(v_i) = l_i / T - log sum_{j=1..k} exp(l_j / T)      for the stored top-k v_i
@@ -127,13 +112,11 @@ def topk_teacher_distribution(topk_lprobs: torch.Tensor, ids: torch.Tensor, temp
         topk_lprobs: (N, k) stored log-probabilities, any float dtype.
         ids: (N, k) their vocabulary ids.
     """
-    return TeacherDistribution.from_log_probs(F.log_softmax(topk_lprobs.float() / temperature, dim=-1), ids)
+    return StoredTeacher.from_log_probs(F.log_softmax(topk_lprobs.float() / temperature, dim=-1), ids)
 
 
-# Positions per chunk are chosen so that one chunk of one distribution holds about this many values.
-# On CPU the few chunk-sized buffers kept per thread are 1 MiB each in float32 (docs/performance.md:
-# steps as fast as with 16 MiB chunks, peak memory 20-25 MB lower); elsewhere (CUDA) 16 MiB chunks
-# keep kernel launches few.
+# Positions per chunk are chosen so that one chunk of one distribution holds about this many values:
+# small chunk buffers on CPU (1 MiB in float32), few kernel launches elsewhere (docs/performance.md).
 _CHUNK_ELEMENTS = {"cpu": 1 << 18}
 _DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -158,9 +141,8 @@ _SCRATCH = threading.local()  # per thread: (device, dtype, name) -> a chunk-siz
 class _Scratch:
     """Scratch tensors of one chunk's shape, reused by every chunk (the last, shorter chunk takes a
     view of the first rows) and kept from step to step, per thread, device and dtype, as long as the
-    chunk shape stays (a few chunk-sized tensors, 1 MiB each in float32 on CPU). Allocating
-    (N, V)-sized temporaries chunk after chunk, step after step, is paid for in page faults and in
-    a fragmented heap on CPU."""
+    chunk shape stays: fresh (N, V)-sized temporaries at every chunk and step would be paid for in
+    page faults and a fragmented heap on CPU."""
 
     def __init__(self, vocab: int, dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = (_chunk_rows(vocab, device), vocab), dtype, device
@@ -191,159 +173,70 @@ def _as_compute(z: torch.Tensor, dtype: torch.dtype, temperature: float, buf: _S
     return out if temperature == 1.0 else out.div_(temperature)
 
 
-def _online_teacher_probs(logits, log_normalizers, rows, temperature, dtype, scratch) -> torch.Tensor:
-    """q_T at ``rows`` from the members' logits and log-normalisers (K, N), in ``scratch["q"]``."""
-    total = scratch["q"]
-    for member, (z, log_normalizer) in enumerate(zip(logits, log_normalizers)):
-        name = "q" if member == 0 else "member"
-        z = z[rows]
-        if z.dtype == dtype and temperature == 1.0:
-            q = torch.sub(z, log_normalizer[rows].unsqueeze(-1), out=scratch[name])
-        else:
-            q = _as_compute(z, dtype, temperature, scratch, name).sub_(log_normalizer[rows].unsqueeze(-1))
-        q.exp_()
-        if member > 0:
-            total.add_(q)
-    if len(logits) > 1:
-        total /= len(logits)
-    return total
+@dataclass
+class _PerPosition:
+    """What the forward pass keeps per position, (N,) each: the student's log-normaliser at T = 1
+    (``lse``) and at T (``lse_t``, the same tensor at T = 1), its NLL and smoothing term, the cross
+    term ``sum_v q_T(v) log p_T(v)``; for an online teacher also its negative entropy, its
+    log-probability of the gold token at T = 1 and its members' log-normalisers at T, (K, N)."""
 
+    lse: torch.Tensor
+    lse_t: torch.Tensor
+    nll: torch.Tensor
+    smooth: torch.Tensor
+    cross: torch.Tensor
+    neg_entropy: Optional[torch.Tensor] = None
+    teacher_gold: Optional[torch.Tensor] = None
+    teacher_lse: Optional[torch.Tensor] = None
 
-class _StudentLosses(torch.autograd.Function):
-    """Label-smoothed NLL, NLL and word-level KD of the student from its logits, and the teacher's
-    NLL, in one pass over the vocabulary per chunk of positions (formulas: :func:`student_losses`).
+    @classmethod
+    def zeros(cls, logits: torch.Tensor, dtype, teacher: Optional[TeacherDistribution], temperature: float):
+        n = logits.size(0)
 
-    For an online teacher the same chunk loop computes log q_T (one log-softmax per member), its
-    entropy and the teacher's target log-probability. Only the logits and per-position
-    log-normalisers are kept for the backward pass, which recomputes p and q_T chunk by chunk.
-    With p = softmax(z), p_T = softmax(z / T), e_y the one-hot gold token and eps_i = eps / (V - 1),
-    the gradients at a kept position are::
-
-        d smoothed / dz = (1 - eps - eps_i) * (p - e_y) + eps_i * (V * p - 1)
-        d nll / dz      = p - e_y
-        d kd / dz       = (p_T - q_T) / T          (the same for KL and CE: q_T sums to 1)
-
-    and 0 at padding.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, keep, epsilon, teacher, temperature, kind, reuse_logits):
-        n, vocab = logits.shape
-        dtype = _compute_dtype(logits)
-        eps_i = epsilon / (vocab - 1)
-        with_kd, online = teacher is not None, teacher is not None and len(teacher.logits) > 0
         def rows_of():
             return logits.new_zeros(n, dtype=dtype)
 
-        lse, nll, smooth, cross = rows_of(), rows_of(), rows_of(), rows_of()
-        lse_t = rows_of() if with_kd and temperature != 1.0 else lse
-        neg_entropy = rows_of() if online else (teacher.neg_entropy.to(dtype) if with_kd else None)
-        teacher_target = rows_of() if online else None
-        teacher_lse = logits.new_zeros(len(teacher.logits), n, dtype=dtype) if online else None
-        scratch = _Scratch(vocab, dtype, logits.device)
-        for rows in _chunks(n, vocab, logits.device):
-            buf = scratch.chunk(rows, n)
-            gold = target[rows].unsqueeze(-1)
-            x = _as_compute(logits[rows], dtype, 1.0, buf, "x")
-            log_p = torch.log_softmax(x, dim=-1, out=buf["log_p"])
-            nll[rows] = -log_p.gather(-1, gold).squeeze(-1)
-            # log sum_v exp(z_v) = z_y - log p(y), read off at the gold token, which is rarely far
-            # below the top logit (a small |log p(y)| keeps this exact)
-            lse[rows] = x.gather(-1, gold).squeeze(-1) + nll[rows]
-            if epsilon > 0:
-                smooth[rows] = -log_p.sum(-1)
-            if not with_kd:
-                continue
-            if online:
-                q = _online_teacher_log_probs(teacher.logits, rows, gold, temperature, teacher_lse, buf)
-                if temperature == 1.0:
-                    teacher_target[rows] = q.gather(-1, gold).squeeze(-1)
-                else:
-                    teacher_target[rows] = _teacher_gold_log_prob(teacher.logits, rows, gold, dtype, buf)
-                # q log q, with 0 log 0 = 0 (a -inf teacher logit gives 0 * -inf = NaN: nansum)
-                p_q = torch.exp(q, out=buf["q"])
-                neg_entropy[rows] = q.mul_(p_q).nansum(-1)
-                q = p_q
-            else:
-                q = teacher.probs[rows].to(dtype, copy=True)
-            if temperature != 1.0:
-                x_t = torch.div(x, temperature, out=buf["x_t"])
-                torch.log_softmax(x_t, dim=-1, out=log_p)
-                lse_t[rows] = (x_t.gather(-1, gold) - log_p.gather(-1, gold)).squeeze(-1)
-            if teacher.ids is None:
-                cross[rows] = q.mul_(log_p).sum(-1)
-            else:
-                cross[rows] = (q * log_p.gather(-1, teacher.ids[rows])).sum(-1)
-        drop = ~keep
-        nll_sum = nll.masked_fill_(drop, 0.0).sum()
-        smoothed_sum = (1.0 - epsilon - eps_i) * nll_sum + eps_i * smooth.masked_fill_(drop, 0.0).sum()
-        kd_sum = teacher_nll_sum = logits.new_zeros((), dtype=dtype)
-        if with_kd:
-            kd_rows = -cross if kind == "ce" else neg_entropy - cross
-            kd_sum = kd_rows.masked_fill_(drop, 0.0).sum()
-        if online:
-            teacher_nll_sum = -teacher_target.masked_fill_(drop, 0.0).sum()
-        ctx.mark_non_differentiable(teacher_nll_sum)
-        ctx.epsilon, ctx.temperature, ctx.with_kd = epsilon, temperature, with_kd
-        # a leaf, or a view of one, is the caller's own tensor: never overwritten
-        ctx.reuse_logits = reuse_logits and logits.grad_fn is not None and (
-            logits._base is None or logits._base.grad_fn is not None
-        )
-        # saved through autograd, so that the teacher's tensors are freed as soon as the backward
-        # pass is done, even while the caller still holds the loss
-        teacher_tensors = () if not with_kd else (
-            tuple(teacher.logits) if online else (teacher.probs, teacher.ids)
-        )
-        ctx.save_for_backward(logits, target, keep, lse, lse_t, teacher_lse, *teacher_tensors)
-        return smoothed_sum, nll_sum, kd_sum, teacher_nll_sum
+        lse = rows_of()
+        out = cls(lse, rows_of() if teacher is not None and temperature != 1.0 else lse, rows_of(), rows_of(), rows_of())
+        if isinstance(teacher, OnlineTeacher):
+            out.neg_entropy, out.teacher_gold = rows_of(), rows_of()
+            out.teacher_lse = logits.new_zeros(len(teacher.logits), n, dtype=dtype)
+        return out
 
-    @staticmethod
-    def backward(ctx, grad_smoothed, grad_nll, grad_kd, _):
-        logits, target, keep, lse, lse_t, teacher_lse, *teacher_tensors = ctx.saved_tensors
-        epsilon, temperature, with_kd = ctx.epsilon, ctx.temperature, ctx.with_kd
-        teacher = None
-        if with_kd and teacher_lse is not None:
-            teacher = TeacherDistribution(logits=teacher_tensors)
-        elif with_kd:
-            teacher = TeacherDistribution(probs=teacher_tensors[0], ids=teacher_tensors[1])
-        n, vocab = logits.shape
-        dtype = _compute_dtype(logits)
-        eps_i = epsilon / (vocab - 1)
-        # gradient = coef_p * p - coef_gold * e_y - coef_const [+ kd_scale * (p_T - q_T)]
-        coef_gold = (1.0 - epsilon - eps_i) * grad_smoothed + grad_nll
-        coef_p = coef_gold + eps_i * vocab * grad_smoothed
-        coef_const = eps_i * grad_smoothed
-        kd_scale = grad_kd / temperature
-        if with_kd and temperature == 1.0:
-            coef_p = coef_p + kd_scale
-        grad = logits if ctx.reuse_logits else torch.empty_like(logits)
-        converted = logits.dtype != dtype
-        scratch = _Scratch(vocab, dtype, logits.device)
-        for rows in _chunks(n, vocab, logits.device):
-            buf = scratch.chunk(rows, n)
-            x = _as_compute(logits[rows], dtype, 1.0, buf, "x")
-            if with_kd and temperature != 1.0:  # p_T, read from x before g (which may be x) is written
-                p_t = torch.div(x, temperature, out=buf["x_t"]).sub_(lse_t[rows].unsqueeze(-1)).exp_()
-            g = buf["grad"] if converted else grad[rows]
-            torch.sub(x, lse[rows].unsqueeze(-1), out=g).exp_().mul_(coef_p)
-            if with_kd:
-                if temperature != 1.0:
-                    g.add_(p_t.mul_(kd_scale))
-                if teacher.logits:
-                    q = _online_teacher_probs(teacher.logits, teacher_lse, rows, temperature, dtype, buf)
-                else:
-                    q = teacher.probs[rows].to(dtype, copy=True)
-                if teacher.ids is None:
-                    g.sub_(q.mul_(kd_scale))
-                else:
-                    g.scatter_add_(-1, teacher.ids[rows], q.mul_(-kd_scale))
-            if epsilon > 0:
-                g.sub_(coef_const)
-            g.scatter_add_(-1, target[rows].unsqueeze(-1), (-coef_gold).expand(buf.size, 1).to(dtype))
-            g.masked_fill_(~keep[rows].unsqueeze(-1), 0.0)  # no host-device sync, unlike indexing
-            if converted:
-                grad[rows] = g
-        return grad, None, None, None, None, None, None, None
+
+def _student_chunk(z, gold, rows, epsilon, dtype, out: _PerPosition, buf) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The student's NLL, log-normaliser and smoothing term at ``rows`` into ``out``; returns its
+    logits there in ``dtype`` and their log-softmax (in ``buf["log_p"]``)."""
+    x = _as_compute(z, dtype, 1.0, buf, "x")
+    log_p = torch.log_softmax(x, dim=-1, out=buf["log_p"])
+    out.nll[rows] = -log_p.gather(-1, gold).squeeze(-1)
+    # log sum_v exp(z_v) = z_y - log p(y), read off at the gold token, which is rarely far below the
+    # top logit (a small |log p(y)| keeps this exact)
+    out.lse[rows] = x.gather(-1, gold).squeeze(-1) + out.nll[rows]
+    if epsilon > 0:
+        out.smooth[rows] = -log_p.sum(-1)
+    return x, log_p
+
+
+def _softened_student_chunk(x, gold, rows, temperature, out: _PerPosition, buf) -> torch.Tensor:
+    """log p_T at ``rows`` (overwriting ``buf["log_p"]``), its log-normaliser into ``out.lse_t``."""
+    x_t = torch.div(x, temperature, out=buf["x_t"])
+    log_p_t = torch.log_softmax(x_t, dim=-1, out=buf["log_p"])
+    out.lse_t[rows] = (x_t.gather(-1, gold) - log_p_t.gather(-1, gold)).squeeze(-1)
+    return log_p_t
+
+
+def _online_teacher_chunk(logits, rows, gold, temperature, out: _PerPosition, buf) -> torch.Tensor:
+    """q_T of an online teacher at ``rows`` (in ``buf["q"]``); its members' log-normalisers, negative
+    entropy and gold-token log-probability at T = 1 go into ``out``."""
+    log_q = _online_teacher_log_probs(logits, rows, gold, temperature, out.teacher_lse, buf)
+    if temperature == 1.0:
+        out.teacher_gold[rows] = log_q.gather(-1, gold).squeeze(-1)
+    else:
+        out.teacher_gold[rows] = _teacher_gold_log_prob(logits, rows, gold, log_q.dtype, buf)
+    q = torch.exp(log_q, out=buf["q"])
+    out.neg_entropy[rows] = log_q.mul_(q).nansum(-1)  # 0 log 0 = 0: a -inf logit gives 0 * -inf = NaN
+    return q
 
 
 def _online_teacher_log_probs(logits, rows, gold, temperature, log_normalizers, buf) -> torch.Tensor:
@@ -370,6 +263,141 @@ def _teacher_gold_log_prob(logits, rows, gold, dtype, buf) -> torch.Tensor:
         x = _as_compute(z[rows], dtype, 1.0, buf, "member")
         per_member.append(x.gather(-1, gold).squeeze(-1) - torch.logsumexp(x, dim=-1))
     return torch.logsumexp(torch.stack(per_member), dim=0) - math.log(len(logits))
+
+
+def _teacher_probs(teacher: TeacherDistribution, log_normalizers, rows, temperature, dtype, buf) -> torch.Tensor:
+    """q_T at ``rows``, a tensor the caller may overwrite: an online teacher's recomputed from its
+    logits and members' log-normalisers (K, N), in ``buf["q"]``; a stored one copied."""
+    if isinstance(teacher, StoredTeacher):
+        return teacher.probs[rows].to(dtype, copy=True)
+    total = buf["q"]
+    for member, (z, log_normalizer) in enumerate(zip(teacher.logits, log_normalizers)):
+        name = "q" if member == 0 else "member"
+        z = z[rows]
+        if z.dtype == dtype and temperature == 1.0:
+            q = torch.sub(z, log_normalizer[rows].unsqueeze(-1), out=buf[name])
+        else:
+            q = _as_compute(z, dtype, temperature, buf, name).sub_(log_normalizer[rows].unsqueeze(-1))
+        q.exp_()
+        if member > 0:
+            total.add_(q)
+    if len(teacher.logits) > 1:
+        total /= len(teacher.logits)
+    return total
+
+
+def _expected_log_prob(q, log_p, ids, rows) -> torch.Tensor:
+    """``sum_v q(v) log p(v)`` per row (``q`` is overwritten); a sparse ``q`` covers the tokens ``ids``."""
+    if ids is None:
+        return q.mul_(log_p).sum(-1)
+    return (q * log_p.gather(-1, ids[rows])).sum(-1)
+
+
+def _subtract_teacher(grad, q, ids, rows, scale) -> None:
+    """``grad -= scale * q`` (``q`` is overwritten); a sparse ``q`` covers the tokens ``ids``."""
+    if ids is None:
+        grad.sub_(q.mul_(scale))
+    else:
+        grad.scatter_add_(-1, ids[rows], q.mul_(-scale))
+
+
+class _StudentLosses(torch.autograd.Function):
+    """Label-smoothed NLL, NLL and word-level KD of the student from its logits, and an online
+    teacher's NLL, in one pass over the vocabulary per chunk of positions (formulas:
+    :func:`student_losses`).
+
+    Only the logits and per-position log-normalisers are kept for the backward pass, which
+    recomputes p and q_T chunk by chunk. With p = softmax(z), p_T = softmax(z / T), e_y the one-hot
+    gold token and eps_i = eps / (V - 1), the gradients at a kept position are::
+
+        d smoothed / dz = (1 - eps - eps_i) * (p - e_y) + eps_i * (V * p - 1)
+        d nll / dz      = p - e_y
+        d kd / dz       = (p_T - q_T) / T          (the same for KL and CE: q_T sums to 1)
+
+    and 0 at padding.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, keep, epsilon, teacher, temperature, kind, reuse_logits):
+        n, vocab = logits.shape
+        dtype = _compute_dtype(logits)
+        online = isinstance(teacher, OnlineTeacher)
+        out = _PerPosition.zeros(logits, dtype, teacher, temperature)
+        scratch = _Scratch(vocab, dtype, logits.device)
+        for rows in _chunks(n, vocab, logits.device):
+            buf = scratch.chunk(rows, n)
+            gold = target[rows].unsqueeze(-1)
+            x, log_p = _student_chunk(logits[rows], gold, rows, epsilon, dtype, out, buf)
+            if teacher is None:
+                continue
+            if online:
+                q = _online_teacher_chunk(teacher.logits, rows, gold, temperature, out, buf)
+            else:
+                q = _teacher_probs(teacher, None, rows, temperature, dtype, buf)
+            if temperature != 1.0:
+                log_p = _softened_student_chunk(x, gold, rows, temperature, out, buf)
+            out.cross[rows] = _expected_log_prob(q, log_p, teacher.ids, rows)
+        drop = ~keep
+        eps_i = epsilon / (vocab - 1)
+        nll_sum = out.nll.masked_fill_(drop, 0.0).sum()
+        smoothed_sum = (1.0 - epsilon - eps_i) * nll_sum + eps_i * out.smooth.masked_fill_(drop, 0.0).sum()
+        kd_sum = teacher_nll_sum = logits.new_zeros((), dtype=dtype)
+        if teacher is not None:
+            neg_entropy = out.neg_entropy if online else teacher.neg_entropy.to(dtype)
+            kd_rows = -out.cross if kind == "ce" else neg_entropy - out.cross
+            kd_sum = kd_rows.masked_fill_(drop, 0.0).sum()
+        if online:
+            teacher_nll_sum = -out.teacher_gold.masked_fill_(drop, 0.0).sum()
+        ctx.mark_non_differentiable(teacher_nll_sum)
+        ctx.epsilon, ctx.temperature = epsilon, temperature
+        ctx.teacher_type = type(teacher) if teacher is not None else None
+        # a leaf, or a view of one, is the caller's own tensor: never overwritten
+        ctx.reuse_logits = reuse_logits and logits.grad_fn is not None and (
+            logits._base is None or logits._base.grad_fn is not None
+        )
+        # saved through autograd, so that the teacher's tensors are freed as soon as the backward
+        # pass is done, even while the caller still holds the loss
+        teacher_tensors = teacher.tensors() if teacher is not None else ()
+        ctx.save_for_backward(logits, target, keep, out.lse, out.lse_t, out.teacher_lse, *teacher_tensors)
+        return smoothed_sum, nll_sum, kd_sum, teacher_nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_smoothed, grad_nll, grad_kd, _):
+        logits, target, keep, lse, lse_t, teacher_lse, *teacher_tensors = ctx.saved_tensors
+        epsilon, temperature = ctx.epsilon, ctx.temperature
+        teacher = ctx.teacher_type.from_tensors(teacher_tensors) if ctx.teacher_type is not None else None
+        n, vocab = logits.shape
+        dtype = _compute_dtype(logits)
+        eps_i = epsilon / (vocab - 1)
+        # gradient = coef_p * p - coef_gold * e_y - coef_const [+ kd_scale * (p_T - q_T)]
+        coef_gold = (1.0 - epsilon - eps_i) * grad_smoothed + grad_nll
+        coef_p = coef_gold + eps_i * vocab * grad_smoothed
+        coef_const = eps_i * grad_smoothed
+        kd_scale = grad_kd / temperature
+        if teacher is not None and temperature == 1.0:
+            coef_p = coef_p + kd_scale
+        grad = logits if ctx.reuse_logits else torch.empty_like(logits)
+        converted = logits.dtype != dtype
+        scratch = _Scratch(vocab, dtype, logits.device)
+        for rows in _chunks(n, vocab, logits.device):
+            buf = scratch.chunk(rows, n)
+            x = _as_compute(logits[rows], dtype, 1.0, buf, "x")
+            if teacher is not None and temperature != 1.0:  # p_T, read from x before g (which may be x) is written
+                p_t = torch.div(x, temperature, out=buf["x_t"]).sub_(lse_t[rows].unsqueeze(-1)).exp_()
+            g = buf["grad"] if converted else grad[rows]
+            torch.sub(x, lse[rows].unsqueeze(-1), out=g).exp_().mul_(coef_p)
+            if teacher is not None:
+                if temperature != 1.0:
+                    g.add_(p_t.mul_(kd_scale))
+                q = _teacher_probs(teacher, teacher_lse, rows, temperature, dtype, buf)
+                _subtract_teacher(g, q, teacher.ids, rows, kd_scale)
+            if epsilon > 0:
+                g.sub_(coef_const)
+            g.scatter_add_(-1, target[rows].unsqueeze(-1), (-coef_gold).expand(buf.size, 1).to(dtype))
+            g.masked_fill_(~keep[rows].unsqueeze(-1), 0.0)  # no host-device sync, unlike indexing
+            if converted:
+                grad[rows] = g
+        return grad, None, None, None, None, None, None, None
 
 
 class StudentLosses(NamedTuple):
@@ -417,8 +445,8 @@ def student_losses(
         target: (N,) gold token ids.
         pad_mask: (N,) bool, True at padding positions, which count nowhere.
         epsilon: label smoothing in [0, 1).
-        teacher: q_T at the same N positions (:meth:`TeacherDistribution.from_logits`,
-            :func:`topk_teacher_distribution`), or None for no KD term.
+        teacher: q_T at the same N positions (:class:`OnlineTeacher`, :class:`StoredTeacher`, e.g.
+            from :func:`topk_teacher_distribution`), or None for no KD term.
         temperature: T > 0, applied to the student's and an online teacher's logits in the KD term.
         kind: ``"kl"`` or ``"ce"``.
         reuse_logits: write the gradient into ``logits``' own memory in the backward pass instead
@@ -434,7 +462,7 @@ def student_losses(
     smoothed, nll, kd, teacher_nll = _StudentLosses.apply(
         logits, target, ~pad_mask, epsilon, teacher, temperature, kind, reuse_logits
     )
-    online = teacher is not None and len(teacher.logits) > 0
+    online = isinstance(teacher, OnlineTeacher)
     return StudentLosses(smoothed, nll, kd if teacher is not None else None, teacher_nll if online else None)
 
 

@@ -7,6 +7,7 @@ hold only the student. The task holds a :class:`Teacher` in a plain attribute in
 """
 
 import contextlib
+import enum
 import logging
 import os
 from typing import List, Optional, Sequence
@@ -16,6 +17,7 @@ from fairseq import models
 from fairseq.data import Dictionary
 from fairseq.models.transformer import TransformerDecoderBase
 
+from fairseq_kd.hidden_states import decoder_final_states
 from fairseq_kd.safe_load import load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -63,12 +65,8 @@ def cpu_supports_bf16() -> bool:
     return bool(is_supported and is_supported())
 
 
-# oneDNN (which runs bf16 matrix products on CPU) keeps every primitive it builds, with its
-# generated code and buffers, in a cache of 1024 entries by default. A primitive is built per
-# operand shape, so a bf16 teacher fed batches of ever new shapes grows by several MB per batch
-# shape until the cache is full. benchmarks/teacher_memory.py, Multi30k's 125 batch shapes: +950 MB
-# uncapped, +430 MB with 16 entries (enough for the shapes within one forward pass), for 12% of the
-# bf16 teacher's speed (still 1.7x fp32's); docs/performance.md.
+# oneDNN keeps a primitive per operand shape (1024 by default), so a bf16 teacher on CPU grows with
+# every new batch shape; 16 entries hold the shapes of one forward pass (docs/performance.md).
 ONEDNN_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 ONEDNN_CACHE_CAPACITY = 16
 
@@ -207,6 +205,14 @@ def check_teacher_dictionaries(directory: str, task, checkpoint: Optional[str] =
         )
 
 
+class TeacherSource(str, enum.Enum):
+    """Where a task takes the teacher's distribution from during training."""
+
+    ONLINE = "online"  # a teacher in memory, run on every batch
+    CACHE = "cache"  # its stored top-k (--teacher-cache); no teacher in memory
+    NONE = "none"
+
+
 class Teacher:
     """One frozen translation model, or an ensemble of them, that produces logits for a batch.
 
@@ -223,6 +229,10 @@ class Teacher:
         for model in self.models:
             model.eval()
             model.requires_grad_(False)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.models) > 1
 
     @classmethod
     def load(cls, teacher_path: str, task, precision: str = "auto", dict_dir: Optional[str] = None) -> "Teacher":
@@ -283,6 +293,10 @@ class Teacher:
         """Each teacher's output logits, (B, T, V), for teacher-forced ``prev_output_tokens``."""
         return [logits for logits, _ in self.outputs(src_tokens, src_lengths, prev_output_tokens)]
 
+    def decoder_states(self, outputs: Sequence[tuple]) -> List[torch.Tensor]:
+        """Each teacher's final decoder states, (B, T, C), from its :meth:`outputs`."""
+        return [decoder_final_states(model, extra) for model, (_, extra) in zip(self.models, outputs)]
+
     @torch.no_grad()
     def encoder_states(self, src_tokens, src_lengths) -> List[torch.Tensor]:
         """Each teacher's final encoder states, (B, S, C)."""
@@ -292,8 +306,8 @@ class Teacher:
 
 def _forward(model, src_tokens, src_lengths, prev_output_tokens):
     """``model``'s (logits, extra). For fairseq transformers the output projection is applied to a
-    contiguous copy of the decoder's features: its output is a transposed (non-contiguous) view,
-    on which ``F.linear`` under CPU bf16 autocast was measured several times slower. Same logits."""
+    contiguous copy of the decoder's features (a transposed view), which CPU bf16 autocast
+    multiplies much faster (docs/performance.md). Same logits."""
     if not isinstance(model.decoder, TransformerDecoderBase):
         return model(src_tokens=src_tokens, src_lengths=src_lengths, prev_output_tokens=prev_output_tokens)
     features, extra = model(

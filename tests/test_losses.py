@@ -12,6 +12,8 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss as fairseq_ls_nll
 
 from fairseq_kd import losses
+from fairseq_kd.criterions import flag_checks
+from reference import kd_rows64, label_smoothed_rows64, softmax64
 
 PAD = 1
 
@@ -20,51 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
-# independent references (float64, loops over positions, explicit exp / sum / log)
+# inputs, and the code under test as the tests call it (references: tests/reference.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def ref_softmax(row, temperature=1.0):
-    """softmax(row / T) of one 1-D vector, in float64, written out: exp(x - max) / sum."""
-    x = row.double() / temperature
-    e = torch.exp(x - x.max())
-    return e / e.sum()
-
-
-def ref_label_smoothed(lprobs, target, eps, pad):
-    """Label smoothing as a cross-entropy against the smoothed one-hot target:
-    weight 1 - eps on the gold token and eps / (V - 1) on each other token."""
-    vocab = lprobs.size(-1)
-    loss = 0.0
-    nll = 0.0
-    for i in range(target.numel()):
-        y = int(target[i])
-        if y == pad:
-            continue
-        row = lprobs[i].double()
-        weights = [eps / (vocab - 1)] * vocab
-        weights[y] = 1.0 - eps
-        loss += -sum(w * float(row[v]) for v, w in enumerate(weights))
-        nll += -float(row[y])
-    return loss, nll
-
-
-def ref_kd(student_logits, teacher_lprobs, temperature, pad_mask):
-    """(KL, CE, teacher entropy), summed over non-pad rows, with 0 * log 0 = 0."""
-    kl = ce = ent = 0.0
-    for i in range(student_logits.size(0)):
-        if bool(pad_mask[i]):
-            continue
-        p = ref_softmax(student_logits[i], temperature)
-        q = torch.exp(teacher_lprobs[i].double())
-        for v in range(p.numel()):
-            qv, pv = float(q[v]), float(p[v])
-            if qv == 0.0:
-                continue
-            kl += qv * (math.log(qv) - math.log(pv))
-            ce += -qv * math.log(pv)
-            ent += -qv * math.log(qv)
-    return kl, ce, ent
 
 
 def make_kd_inputs(n=7, vocab=9, seed=0, scale=3.0):
@@ -86,41 +45,41 @@ def label_smoothed(logits, target, eps, pad_mask):
 def distillation_loss(student_logits, teacher_lprobs, temperature, pad_mask, kind="kl", teacher_ids=None):
     """The KD term alone of losses.student_losses, against a teacher given by its log-probabilities."""
     target = torch.zeros(pad_mask.shape, dtype=torch.long)
-    teacher = losses.TeacherDistribution.from_log_probs(teacher_lprobs, teacher_ids)
+    teacher = losses.StoredTeacher.from_log_probs(teacher_lprobs, teacher_ids)
     return losses.student_losses(student_logits, target, pad_mask, 0.0, teacher, temperature, kind).kd
 
 
 # ---------------------------------------------------------------------------------------------
-# check_alpha / check_temperature
+# check_alpha / check_temperature (fairseq_kd.criterions.flag_checks)
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, 1.0000001, float("inf"), float("nan")])
 def test_check_alpha_rejects_outside_unit_interval(value):
     with pytest.raises(ValueError, match=r"--alpha must lie in \[0, 1\]"):
-        losses.check_alpha("alpha", value)
+        flag_checks.check_alpha("alpha", value)
 
 
 def test_check_alpha_names_the_flag_with_dashes():
     with pytest.raises(ValueError, match="--kd-alpha") as info:
-        losses.check_alpha("kd_alpha", 2.0)
+        flag_checks.check_alpha("kd_alpha", 2.0)
     assert "2.0" in str(info.value)
 
 
 @pytest.mark.parametrize("value", [0.0, 0.25, 1.0])
 def test_check_alpha_accepts_unit_interval(value):
-    assert losses.check_alpha("alpha", value) is None
+    assert flag_checks.check_alpha("alpha", value) is None
 
 
 @pytest.mark.parametrize("value", [0.0, -0.0, -1.0, float("nan"), float("-inf")])
 def test_check_temperature_rejects_non_positive(value):
     with pytest.raises(ValueError, match="--temperature must be > 0"):
-        losses.check_temperature(value)
+        flag_checks.check_temperature(value)
 
 
 @pytest.mark.parametrize("value", [1e-3, 0.5, 1.0, 2.0])
 def test_check_temperature_accepts_positive(value):
-    assert losses.check_temperature(value) is None
+    assert flag_checks.check_temperature(value) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +113,7 @@ def _ls_inputs(seed=0, n=10, vocab=8):
 def test_label_smoothed_nll_matches_loop(eps):
     lprobs, target = _ls_inputs()
     loss, nll = label_smoothed(lprobs, target, eps, target.eq(PAD))
-    ref_loss, ref_nll = ref_label_smoothed(lprobs, target, eps, PAD)
+    ref_loss, ref_nll = label_smoothed_rows64(lprobs, target, eps, PAD)
     assert loss.item() == pytest.approx(ref_loss, rel=1e-6)
     assert nll.item() == pytest.approx(ref_nll, rel=1e-6)
     if eps > 0:
@@ -205,7 +164,7 @@ def test_label_smoothed_nll_gradient_is_closed_form_and_zero_on_pad_rows():
                 smoothing = eps if pick == 0 else 0.0
                 t = torch.full((vocab,), smoothing / (vocab - 1), dtype=torch.float64)
                 t[target[i]] = 1.0 - smoothing
-                expected = ref_softmax(logits[i].detach()) - t
+                expected = softmax64(logits[i].detach()) - t
             torch.testing.assert_close(logits.grad[i].double(), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -222,7 +181,7 @@ def test_teacher_log_probs_single_teacher_temperature(temperature):
     assert out.dtype == torch.float32 and out.shape == z.shape
     for b in range(2):
         for t in range(3):
-            ref = torch.log(ref_softmax(z[b, t], temperature))
+            ref = torch.log(softmax64(z[b, t], temperature))
             torch.testing.assert_close(out[b, t].double(), ref, rtol=1e-5, atol=1e-5)
     if temperature != 1.0:  # the temperature is really applied
         plain = losses.teacher_log_probs([z], 1.0)
@@ -246,7 +205,7 @@ def test_teacher_ensemble_matches_loop_and_differs_from_logit_average(temperatur
     z2 = torch.randn(6, 10, generator=g) * 3
     out = losses.teacher_log_probs([z1, z2], temperature)
     for i in range(6):
-        ref = torch.log(0.5 * (ref_softmax(z1[i], temperature) + ref_softmax(z2[i], temperature)))
+        ref = torch.log(0.5 * (softmax64(z1[i], temperature) + softmax64(z2[i], temperature)))
         torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(6), rtol=1e-6, atol=1e-6)
     logit_average = torch.log_softmax((z1 + z2) / 2 / temperature, dim=-1)
@@ -274,7 +233,7 @@ def test_teacher_log_probs_low_precision_logits_computed_in_fp32(dtype):
         out = losses.teacher_log_probs(logits, temperature)
         assert out.dtype == torch.float32
         for i in range(5):
-            probs = [ref_softmax(zk[i].double(), temperature) for zk in logits]
+            probs = [softmax64(zk[i].double(), temperature) for zk in logits]
             ref = torch.log(sum(probs) / len(probs))
             torch.testing.assert_close(out[i].double(), ref, rtol=1e-5, atol=1e-5)
     # the case is sensitive to precision: dividing by T in the low precision is visibly off
@@ -293,7 +252,7 @@ def test_teacher_log_probs_low_precision_logits_computed_in_fp32(dtype):
 def test_distillation_loss_matches_loop(kind, temperature):
     student, teacher, pad_mask = make_kd_inputs(seed=7)
     out = distillation_loss(student, teacher, temperature, pad_mask, kind)
-    kl, ce, _ = ref_kd(student, teacher, temperature, pad_mask)
+    kl, ce, _ = kd_rows64(student, teacher, temperature, pad_mask)
     expected = kl if kind == "kl" else ce
     assert out.dtype == torch.float32 and out.dim() == 0
     assert out.item() == pytest.approx(expected, rel=1e-5)
@@ -350,7 +309,7 @@ def test_kl_zero_when_student_equals_teacher(temperature):
     assert abs(kl.item()) < 1e-5
     # while CE is then the teacher entropy, clearly non-zero
     ce = distillation_loss(student, teacher, temperature, pad_mask, "ce")
-    _, _, ent = ref_kd(student, teacher, temperature, pad_mask)
+    _, _, ent = kd_rows64(student, teacher, temperature, pad_mask)
     assert ent > 0.1
     assert ce.item() == pytest.approx(ent, rel=1e-5)
 
@@ -360,7 +319,7 @@ def test_ce_minus_kl_is_teacher_entropy(temperature):
     student, teacher, pad_mask = make_kd_inputs(seed=11)
     kl = distillation_loss(student, teacher, temperature, pad_mask, "kl").item()
     ce = distillation_loss(student, teacher, temperature, pad_mask, "ce").item()
-    _, _, ent = ref_kd(student, teacher, temperature, pad_mask)
+    _, _, ent = kd_rows64(student, teacher, temperature, pad_mask)
     assert ce - kl == pytest.approx(ent, rel=1e-5)
     assert kl > 0.1  # the student differs from the teacher in this case
 
@@ -379,7 +338,7 @@ def test_zero_teacher_probabilities_finite_loss_and_gradients(kind, temperature)
     student.requires_grad_(True)
     out = distillation_loss(student, teacher, temperature, pad_mask, kind)
     assert torch.isfinite(out)
-    kl, ce, _ = ref_kd(student.detach(), teacher, temperature, pad_mask)
+    kl, ce, _ = kd_rows64(student.detach(), teacher, temperature, pad_mask)
     assert out.item() == pytest.approx(kl if kind == "kl" else ce, rel=1e-5)
     out.backward()
     assert torch.isfinite(student.grad).all()
@@ -400,7 +359,7 @@ def test_gradient_is_closed_form(kind, temperature):
         if pad_mask[i]:
             expected = torch.zeros(student.size(1), dtype=torch.float64)
         else:
-            p = ref_softmax(student[i].detach(), temperature)
+            p = softmax64(student[i].detach(), temperature)
             q = torch.exp(teacher[i].double())
             expected = (p - q) / temperature
         torch.testing.assert_close(student.grad[i].double(), expected, rtol=1e-5, atol=1e-6)
@@ -412,7 +371,7 @@ def test_distillation_loss_low_precision_student_computed_in_fp32(dtype):
     student = student.to(dtype)
     out = distillation_loss(student, teacher, 2.0, pad_mask, "kl")
     assert out.dtype == torch.float32
-    kl, _, _ = ref_kd(student.double(), teacher, 2.0, pad_mask)
+    kl, _, _ = kd_rows64(student.double(), teacher, 2.0, pad_mask)
     assert out.item() == pytest.approx(kl, rel=1e-5)
 
 
@@ -448,11 +407,11 @@ def test_distillation_loss_many_chunks(monkeypatch, kind):
     student, teacher, pad_mask = make_kd_inputs(n=7, vocab=9, seed=16)
     student.requires_grad_(True)
     out = distillation_loss(student, teacher, 2.0, pad_mask, kind)
-    kl, ce, _ = ref_kd(student.detach(), teacher, 2.0, pad_mask)
+    kl, ce, _ = kd_rows64(student.detach(), teacher, 2.0, pad_mask)
     assert out.item() == pytest.approx(kl if kind == "kl" else ce, rel=1e-5)
     out.backward()
     for i in range(student.size(0)):
-        p = ref_softmax(student[i].detach(), 2.0)
+        p = softmax64(student[i].detach(), 2.0)
         q = torch.exp(teacher[i].double())
         expected = torch.zeros_like(p) if pad_mask[i] else (p - q) / 2.0
         torch.testing.assert_close(student.grad[i].double(), expected, rtol=1e-5, atol=1e-6)

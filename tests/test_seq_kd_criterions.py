@@ -1,7 +1,7 @@
 """seq_kd_interp and hybrid_kd on real tiny fairseq transformers, against float64 loops.
 
 Batches come from TeacherTargetDataset (gold pairs plus the teacher's translation of the same
-source), so the collated kd_target / kd_net_input are exercised too.
+source), so the collated teacher target and its net input are exercised too.
 """
 
 import math
@@ -12,9 +12,11 @@ from fairseq import tasks
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from fairseq.data import LanguagePairDataset
 
+from fairseq_kd.data.batch_keys import TEACHER_NET_INPUT, TEACHER_NTOKENS, TEACHER_TARGET
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.teacher import Teacher
-from test_word_kd import data_dir, parse, softmax64  # noqa: F401  (fixtures)
+from reference import kd_terms64, label_smoothed_nll64, non_pad_positions, softmax64
+from test_word_kd import data_dir, parse  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +43,7 @@ def setup(data_dir):  # noqa: F811
     student = task.build_model(cfg.model)
     torch.manual_seed(1)
     teacher = task.build_model(cfg.model)
-    task._teacher = Teacher([teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher], precision="fp32"))
     src = sentences(task, (5, 3, 7, 2), seed=0)
     gold = pairs(task, src, sentences(task, (4, 6, 2, 5), seed=1))
     kd = pairs(task, src, sentences(task, (3, 6, 8, 11), seed=2))  # longer than the gold targets in all
@@ -56,20 +58,12 @@ def sums(student, teacher, net_input, target, temperature, pad):
     with torch.no_grad():
         zs = student(**net_input)[0].double()
         zt = teacher(**net_input)[0].double()
-    vocab = zs.size(-1)
     ls = nll = kl = 0.0
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == pad:
-                continue
-            logp = torch.log(softmax64(zs[b, t]))
-            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
-            smooth[y] = 1 - EPS
-            ls += float(-(smooth * logp).sum())
-            nll += float(-logp[y])
-            p, q = softmax64(zs[b, t], temperature), softmax64(zt[b, t], temperature)
-            kl += float((q * (q.log() - p.log())).sum())
+    for b, t, y in non_pad_positions(target, pad):
+        logp = torch.log(softmax64(zs[b, t]))
+        ls += label_smoothed_nll64(logp, y, EPS)
+        nll += float(-logp[y])
+        kl += kd_terms64(softmax64(zt[b, t], temperature), softmax64(zs[b, t], temperature))[0]
     return ls, nll, kl
 
 
@@ -78,12 +72,12 @@ def test_collated_teacher_targets_follow_the_batch_order(setup):
     pad, eos = task.target_dictionary.pad(), task.target_dictionary.eos()
     for row, sid in enumerate(sample["id"].tolist()):
         expected = kd.tgt[sid]
-        got = sample["kd_target"][row]
+        got = sample[TEACHER_TARGET][row]
         assert torch.equal(got[got.ne(pad)], expected)
-        prev = sample["kd_net_input"]["prev_output_tokens"][row]
+        prev = sample[TEACHER_NET_INPUT]["prev_output_tokens"][row]
         assert torch.equal(prev[: len(expected)], torch.cat([torch.tensor([eos]), expected[:-1]]))
-    assert sample["kd_ntokens"] == sum(len(t) for t in kd.tgt)
-    assert torch.equal(sample["kd_net_input"]["src_tokens"], sample["net_input"]["src_tokens"])
+    assert sample[TEACHER_NTOKENS] == sum(len(t) for t in kd.tgt)
+    assert torch.equal(sample[TEACHER_NET_INPUT]["src_tokens"], sample["net_input"]["src_tokens"])
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
@@ -93,7 +87,7 @@ def test_seq_kd_interp_matches_independent_computation(setup, alpha):
     crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", str(alpha)))
     loss, size, log = crit(student, sample)
     gold_ls, gold_nll, _ = sums(student, teacher, sample["net_input"], sample["target"], 1.0, pad)
-    kd_ls, kd_nll, _ = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], 1.0, pad)
+    kd_ls, kd_nll, _ = sums(student, teacher, sample[TEACHER_NET_INPUT], sample[TEACHER_TARGET], 1.0, pad)
     r = gold_over_teacher_tokens(sample, pad)
     assert float(loss) == pytest.approx((1 - alpha) * gold_ls + alpha * r * kd_ls, rel=1e-5)
     assert size == sample["ntokens"]
@@ -101,13 +95,13 @@ def test_seq_kd_interp_matches_independent_computation(setup, alpha):
         assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
     if alpha > 0:
         assert float(log["seq_kd_nll_loss"]) == pytest.approx(kd_nll, rel=1e-5)
-        assert log["kd_ntokens"] == sample["kd_ntokens"]
+        assert log[TEACHER_NTOKENS] == sample[TEACHER_NTOKENS]
     assert abs(gold_ls - kd_ls) > 0.5  # the two targets really give different losses
 
 
 def gold_over_teacher_tokens(sample, pad):
     """r = |y_gold| / |y_teacher|, the non-pad tokens of the batch's two targets."""
-    r = int(sample["target"].ne(pad).sum()) / int(sample["kd_target"].ne(pad).sum())
+    r = int(sample["target"].ne(pad).sum()) / int(sample[TEACHER_TARGET].ne(pad).sum())
     assert abs(r - 1) > 0.05  # the fixture's targets differ in length: r matters
     return r
 
@@ -132,7 +126,7 @@ def test_hybrid_kd_matches_independent_computation(setup, prefix):
     ))
     loss, _, log = crit(student, sample)
     gold_ls, gold_nll, gold_kl = sums(student, teacher, sample["net_input"], sample["target"], temperature, pad)
-    kd_ls, kd_nll, kd_kl = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], temperature, pad)
+    kd_ls, kd_nll, kd_kl = sums(student, teacher, sample[TEACHER_NET_INPUT], sample[TEACHER_TARGET], temperature, pad)
     kl = {"teacher": kd_kl, "gold": gold_kl, "both": kd_kl + gold_kl}[prefix]
     r = gold_over_teacher_tokens(sample, pad)
     weighted_kl = {"teacher": r * kd_kl, "gold": gold_kl, "both": r * kd_kl + gold_kl}[prefix]
@@ -141,7 +135,7 @@ def test_hybrid_kd_matches_independent_computation(setup, prefix):
     assert float(log["kd_loss"]) == pytest.approx(kl, rel=1e-5)
     assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
     assert float(log["seq_kd_nll_loss"]) == pytest.approx(kd_nll, rel=1e-5)
-    n_gold, n_kd = int(sample["target"].ne(pad).sum()), int(sample["kd_target"].ne(pad).sum())
+    n_gold, n_kd = int(sample["target"].ne(pad).sum()), int(sample[TEACHER_TARGET].ne(pad).sum())
     assert log["kd_positions"] == {"teacher": n_kd, "gold": n_gold, "both": n_kd + n_gold}[prefix]
     assert ("teacher_nll_loss" in log) == (prefix != "teacher")
 
@@ -155,7 +149,7 @@ def test_hybrid_kd_reduce_metrics_logs_each_term(setup):
     with metrics.aggregate(new_root=True) as agg:
         crit.__class__.reduce_metrics([log])
         values = agg.get_smoothed_values()
-    for key, denominator in (("nll_loss", "ntokens"), ("seq_kd_nll_loss", "kd_ntokens"), ("kd_loss", "kd_positions")):
+    for key, denominator in (("nll_loss", "ntokens"), ("seq_kd_nll_loss", TEACHER_NTOKENS), ("kd_loss", "kd_positions")):
         assert values[key] == pytest.approx(round(float(log[key]) / log[denominator] / math.log(2), 3), abs=1e-9)
     assert "teacher_ppl" in values and "ppl" in values
 
@@ -164,7 +158,8 @@ def test_hybrid_kd_reduce_metrics_logs_each_term(setup):
 def test_missing_teacher_targets_are_an_error_in_training(setup, alpha):
     task, student, _, sample, _ = setup
     crit = task.build_criterion(parse_criterion(task, "seq_kd_interp", "--alpha", str(alpha)))
-    gold_only = {k: v for k, v in sample.items() if not k.startswith("kd_")}
+    teacher_keys = (TEACHER_TARGET, TEACHER_NET_INPUT, TEACHER_NTOKENS)
+    gold_only = {k: v for k, v in sample.items() if k not in teacher_keys}
     student.train()
     with pytest.raises(ValueError, match="--kd-data"):
         crit(student, gold_only)
@@ -195,7 +190,7 @@ def test_pure_sequence_level_kd_validates_on_the_gold_nll(setup):
     finally:
         student.train()
     _, gold_nll, _ = sums(student, teacher, sample["net_input"], sample["target"], 1.0, pad)
-    kd_ls, _, _ = sums(student, teacher, sample["kd_net_input"], sample["kd_target"], 1.0, pad)
+    kd_ls, _, _ = sums(student, teacher, sample[TEACHER_NET_INPUT], sample[TEACHER_TARGET], 1.0, pad)
     assert float(log["nll_loss"]) == pytest.approx(gold_nll, rel=1e-5)
     assert float(loss) == pytest.approx(gold_over_teacher_tokens(sample, pad) * kd_ls, rel=1e-5)
 
@@ -215,7 +210,7 @@ def test_teacher_targets_are_required_at_start_up(data_dir, criterion, flags):  
 def test_hybrid_kd_on_the_gold_prefix_needs_no_teacher_targets(data_dir):  # noqa: F811
     cfg = parse(data_dir, criterion="hybrid_kd")
     task = tasks.setup_task(cfg.task)
-    task._teacher = Teacher([task.build_model(cfg.model)], precision="fp32")
+    task.set_teacher(Teacher([task.build_model(cfg.model)], precision="fp32"))
     crit = task.build_criterion(parse_criterion(task, "hybrid_kd", "--seq-kd-weight", "0", "--word-kd-prefix", "gold"))
     assert not crit.uses_teacher_targets
 
@@ -285,6 +280,6 @@ def test_batches_count_the_longer_of_the_two_targets(data_dir):  # noqa: F811
         longest = max(max(lengths[i], kd_lengths[i]) + 1 for i in batch)  # + eos
         assert len(batch) * longest <= max_tokens, (batch, longest)
         sample = dataset.collater([dataset[i] for i in batch])
-        assert sample["kd_target"].numel() <= max_tokens
+        assert sample[TEACHER_TARGET].numel() <= max_tokens
     long_ones = [i for i in range(n) if kd_lengths[i] == 60]
     assert any(set(long_ones) <= set(b) or len(set(long_ones) & set(b)) > 1 for b in batches)  # kept together

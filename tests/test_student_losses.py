@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fairseq_kd import losses
+from reference import student_terms64
 
 PAD = 1
 
@@ -23,31 +24,14 @@ def case(n=9, vocab=13, seed=0, dtype=torch.float32):
     return student, teacher, target, target.eq(PAD)
 
 
-def reference(student, teacher_probs, target, pad_mask, eps, temperature, kind):
-    """(smoothed, nll, kd) in float64 with explicit log-softmax, sums and masks."""
-    z = student.double()
-    vocab = z.size(-1)
-    log_p = z - torch.logsumexp(z, -1, keepdim=True)
-    keep = (~pad_mask).double()
-    nll_rows = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    smooth_rows = -log_p.sum(-1)
-    eps_i = eps / (vocab - 1)
-    smoothed = ((1 - eps - eps_i) * nll_rows + eps_i * smooth_rows) * keep
-    log_pt = z / temperature - torch.logsumexp(z / temperature, -1, keepdim=True)
-    q = teacher_probs.double()
-    log_q = torch.where(q > 0, q.log(), torch.zeros_like(q))
-    kd_rows = (q * ((log_q if kind == "kl" else 0.0) - log_pt)).sum(-1)
-    return smoothed.sum(), (nll_rows * keep).sum(), (kd_rows * keep).sum()
-
-
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("kind", ["kl", "ce"])
 def test_three_terms_match_reference(temperature, eps, kind):
     student, teacher, target, pad_mask = case(seed=1)
-    dist = losses.TeacherDistribution.from_logits([teacher.float()])
+    dist = losses.OnlineTeacher([teacher.float()])
     got = losses.student_losses(student, target, pad_mask, eps, dist, temperature, kind)
-    want = reference(student, torch.softmax(teacher / temperature, -1), target, pad_mask, eps, temperature, kind)
+    want = student_terms64(student, torch.softmax(teacher / temperature, -1), target, pad_mask, eps, temperature, kind)
     for g, w in zip(got[:3], want):
         assert g.dtype == torch.float32
         assert float(g) == pytest.approx(float(w), rel=2e-6)
@@ -64,9 +48,9 @@ def test_gradcheck_weighted_sum_of_all_terms(temperature, eps, teacher_form):
         top = torch.log_softmax(teacher, -1).topk(3, dim=-1)
         dist = losses.topk_teacher_distribution(top.values, top.indices, temperature)
     elif teacher_form == "stored":
-        dist = losses.TeacherDistribution.from_log_probs(torch.log_softmax(teacher / temperature, -1))
+        dist = losses.StoredTeacher.from_log_probs(torch.log_softmax(teacher / temperature, -1))
     else:
-        dist = losses.TeacherDistribution.from_logits([teacher, teacher.flip(-1)])  # a two-member ensemble
+        dist = losses.OnlineTeacher([teacher, teacher.flip(-1)])  # a two-member ensemble
 
     def fn(z):
         smoothed, nll, kd, _ = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "kl")
@@ -83,7 +67,7 @@ def test_gradient_closed_form_with_all_terms():
     student, teacher, target, pad_mask = case(seed=3)
     eps, temperature, (a, b, c) = 0.2, 2.0, (0.6, 0.3, 0.9)
     q = torch.softmax(teacher / temperature, -1)
-    dist = losses.TeacherDistribution.from_log_probs(q.log().float())
+    dist = losses.StoredTeacher.from_log_probs(q.log().float())
     z = student.clone().requires_grad_(True)
     smoothed, nll, kd, _ = losses.student_losses(z, target, pad_mask, eps, dist, temperature, "ce")
     (a * smoothed + b * nll + c * kd).backward()
@@ -106,7 +90,7 @@ def test_many_chunks_same_losses_and_gradients(monkeypatch, temperature):
     student, teacher, target, pad_mask = case(n=11, vocab=13, seed=4)
 
     def run():
-        dist = losses.TeacherDistribution.from_logits([teacher.float(), teacher.float() / 2])
+        dist = losses.OnlineTeacher([teacher.float(), teacher.float() / 2])
         z = student.clone().requires_grad_(True)
         terms = losses.student_losses(z, target, pad_mask, 0.1, dist, temperature, "kl")
         (terms.smoothed + terms.nll + terms.kd).backward()
@@ -135,7 +119,7 @@ def test_reused_logits_memory_takes_the_same_gradient(monkeypatch, dtype, temper
     student, teacher, target, pad_mask = case(n=11, vocab=13, seed=9)
 
     def run(reuse):
-        dist = (losses.TeacherDistribution.from_logits([teacher.to(dtype), teacher.to(dtype) / 2])
+        dist = (losses.OnlineTeacher([teacher.to(dtype), teacher.to(dtype) / 2])
                 if teacher_kind == "online" else _sparse_teacher(11, 13, seed=10))
         leaf = student.to(dtype).clone().requires_grad_(True)
         logits = leaf * 1.0  # not a leaf, as the model's output is
@@ -165,10 +149,10 @@ def test_reuse_never_overwrites_a_leaf(as_view):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_logits_fp32_math_and_gradient_dtype(dtype):
     student, teacher, target, pad_mask = case(seed=5, dtype=dtype)
-    dist = losses.TeacherDistribution.from_logits([teacher.to(dtype)])
+    dist = losses.OnlineTeacher([teacher.to(dtype)])
     z = student.clone().requires_grad_(True)
     got = losses.student_losses(z, target, pad_mask, 0.1, dist, 2.0, "kl")
-    want = reference(student, torch.softmax(teacher.to(dtype).double() / 2.0, -1), target, pad_mask, 0.1, 2.0, "kl")
+    want = student_terms64(student, torch.softmax(teacher.to(dtype).double() / 2.0, -1), target, pad_mask, 0.1, 2.0, "kl")
     for g, w in zip(got[:3], want):
         assert g.dtype == torch.float32
         assert float(g) == pytest.approx(float(w), rel=1e-5)
@@ -200,17 +184,17 @@ def test_online_teacher_single_and_ensemble(temperature, kind):
     keep = (~pad_mask).double()
     for logits in ([z1], [z1, z2]):
         terms = losses.student_losses(
-            student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z.float() for z in logits]), temperature, kind
+            student, target, pad_mask, 0.0, losses.OnlineTeacher([z.float() for z in logits]), temperature, kind
         )
         q = sum(torch.softmax(z / temperature, -1) for z in logits) / len(logits)
         at_one = sum(torch.softmax(z, -1) for z in logits) / len(logits)
-        want_kd = reference(student, q, target, pad_mask, 0.0, temperature, kind)[2]
+        want_kd = student_terms64(student, q, target, pad_mask, 0.0, temperature, kind)[2]
         want_teacher_nll = -(at_one.gather(-1, target[:, None]).squeeze(-1).log() * keep).sum()
         assert float(terms.kd) == pytest.approx(float(want_kd), rel=1e-5)
         assert float(terms.teacher_nll) == pytest.approx(float(want_teacher_nll), rel=1e-5)
     logit_average = [(z1 + z2) / 2]
     averaged = losses.student_losses(
-        student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z.float() for z in logit_average]), temperature, kind
+        student, target, pad_mask, 0.0, losses.OnlineTeacher([z.float() for z in logit_average]), temperature, kind
     )
     assert abs(float(averaged.kd) - float(terms.kd)) > 1e-2
 
@@ -223,11 +207,11 @@ def test_online_teacher_zero_mass_and_underflow():
     z2 = torch.tensor([[0.0, -2000.0, float("-inf")]])
     student = torch.tensor([[0.5, -0.5, 1.0]], requires_grad=True)
     target, pad_mask = torch.tensor([1]), torch.tensor([False])
-    terms = losses.student_losses(student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z1, z2]), 1.0, "kl")
+    terms = losses.student_losses(student, target, pad_mask, 0.0, losses.OnlineTeacher([z1, z2]), 1.0, "kl")
     log_p = torch.log_softmax(student.detach().double(), -1)
     assert float(terms.kd) == pytest.approx(-float(log_p[0, 0]), rel=1e-6)  # q = (1, 0, 0): KL = -log p(0)
     assert float(terms.teacher_nll) == pytest.approx(1000.0 + math.log(2.0), abs=1e-3)
-    at_two = losses.student_losses(student, target, pad_mask, 0.0, losses.TeacherDistribution.from_logits([z1, z2]), 2.0, "kl")
+    at_two = losses.student_losses(student, target, pad_mask, 0.0, losses.OnlineTeacher([z1, z2]), 2.0, "kl")
     assert float(at_two.teacher_nll) == pytest.approx(1000.0 + math.log(2.0), abs=1e-3)
     terms.kd.backward()
     torch.testing.assert_close(student.grad[0].double(), log_p[0].exp() - torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))

@@ -148,11 +148,11 @@ def test_teacher_path_with_a_teacher_cache_is_not_loaded_up_front(tiny_data, tea
     model_cfg = training_config(tiny_data, *TINY_ARCH).model
     with caplog.at_level(logging.INFO):
         task.build_model(model_cfg)
-    assert task._teacher is None and "not loaded: --teacher-cache serves the splits" in caplog.text
+    assert not task.teacher_loaded and "not loaded: --teacher-cache serves the splits" in caplog.text
     # a split without a cache runs the teacher online: loaded while the splits are loaded, with the reason
     with caplog.at_level(logging.INFO):
         task.load_dataset("valid")
-    assert task._teacher is not None
+    assert task.teacher_loaded
     assert f"loading teacher {teacher} next to --teacher-cache: split 'valid' has no cache" in caplog.text
 
 

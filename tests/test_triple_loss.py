@@ -8,7 +8,8 @@ from fairseq import tasks
 
 from fairseq_kd.criterions.triple_loss import TripleLossCriterion
 from fairseq_kd.teacher import Teacher
-from test_word_kd import data_dir, make_sample, parse, softmax64  # noqa: F401  (fixtures)
+from reference import kd_terms64, label_smoothed_nll64, non_pad_positions, softmax64
+from test_word_kd import data_dir, make_sample, parse  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,8 +27,7 @@ def build(data_dir, teacher_dim, *flags):  # noqa: F811
                         "--decoder-embed-dim", str(teacher_dim), criterion="triple_loss")
     torch.manual_seed(1)
     teacher = tasks.setup_task(teacher_cfg.task).build_model(teacher_cfg.model)
-    task.student_widths = {"encoder": 16, "decoder": 16}
-    task._teacher = Teacher([teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher], precision="fp32"))
     return task, student, teacher, make_sample(task), cfg.criterion
 
 
@@ -45,22 +45,12 @@ def reference(student, teacher, sample, pad, projection=None):
         hs, ht = decoder_states(student, net_input), decoder_states(teacher, net_input)
         if projection is not None:
             hs = hs @ projection.weight.double().T
-    target = sample["target"]
-    vocab = zs.size(-1)
     out = dict(ls=0.0, kl=0.0, cos=0.0)
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == pad:
-                continue
-            logp = torch.log(softmax64(zs[b, t]))
-            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
-            smooth[y] = 1 - EPS
-            out["ls"] += float(-(smooth * logp).sum())
-            p, q = softmax64(zs[b, t], T), softmax64(zt[b, t], T)
-            out["kl"] += float((q * (q.log() - p.log())).sum())
-            a, c = hs[b, t], ht[b, t]
-            out["cos"] += 1.0 - float(a @ c) / (math.sqrt(float(a @ a)) * math.sqrt(float(c @ c)))
+    for b, t, y in non_pad_positions(sample["target"], pad):
+        out["ls"] += label_smoothed_nll64(torch.log(softmax64(zs[b, t])), y, EPS)
+        out["kl"] += kd_terms64(softmax64(zt[b, t], T), softmax64(zs[b, t], T))[0]
+        a, c = hs[b, t], ht[b, t]
+        out["cos"] += 1.0 - float(a @ c) / (math.sqrt(float(a @ a)) * math.sqrt(float(c @ c)))
     return out
 
 
@@ -79,7 +69,7 @@ def test_triple_loss_matches_independent_computation(data_dir):  # noqa: F811
 
 def test_cosine_is_zero_for_identical_student_and_teacher(data_dir):  # noqa: F811
     task, student, teacher, sample, cfg = build(data_dir, 16)
-    task._teacher = Teacher([student], precision="fp32")
+    task.set_teacher(Teacher([student], precision="fp32"))
     _, _, log = task.build_criterion(cfg)(student, sample)
     assert float(log["cos_loss"]) == pytest.approx(0.0, abs=1e-4)
     assert float(log["kd_loss"]) == pytest.approx(0.0, abs=1e-4)
@@ -146,7 +136,7 @@ def test_zero_kd_weight_skips_the_kd_term(data_dir):  # noqa: F811
 
 def test_ensemble_is_refused_for_the_cosine_term_at_start_up(data_dir):  # noqa: F811
     task, _, teacher, _, cfg = build(data_dir, 16)
-    task._teacher = Teacher([teacher, teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher, teacher], precision="fp32"))
     with pytest.raises(ValueError, match="one teacher"):
         task.build_criterion(cfg)
 
@@ -169,30 +159,22 @@ def test_kd_term_from_a_cache_without_any_teacher(data_dir):  # noqa: F811
     loaded, and the loss equals word_kd's on the same batch (kd weight = alpha, NLL weight = 1 - alpha)."""
     task, student, teacher, sample, _ = build(data_dir, 16)
     sample = with_topk_cache(task, teacher, sample)
-    task._teacher = None  # no online teacher: only the (named) cache
+    task.set_teacher(None)  # no online teacher: only the (named) cache
     task.cfg.teacher_cache = "cache-dir"
     triple = TripleLossCriterion(task, kd_weight=0.3, nll_weight=0.7, cos_weight=0.0, cos_states="decoder",
                                  width_mismatch="error", temperature=T, kd_loss="kl", label_smoothing=EPS,
                                  sentence_avg=False)
     loss, _, log = triple(student, sample)
-    assert task._teacher is None and "teacher_nll_loss" not in log
+    assert not task.teacher_loaded and "teacher_nll_loss" not in log
     ids, lprobs = sample["teacher_topk_ids"], sample["teacher_topk_lprobs"]
     with torch.no_grad():
         zs = student(**sample["net_input"])[0].double()
     expected_kd = expected_ls = 0.0
-    target = sample["target"]
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == task.target_dictionary.pad():
-                continue
-            p_t = softmax64(zs[b, t], T)
-            q = softmax64(lprobs[b, t].double(), T)  # the top-k renormalised at T
-            expected_kd += float((q * (q.log() - p_t[ids[b, t]].log())).sum())
-            vocab = zs.size(-1)
-            smooth = torch.full((vocab,), EPS / (vocab - 1), dtype=torch.float64)
-            smooth[y] = 1 - EPS
-            expected_ls += float(-(smooth * torch.log(softmax64(zs[b, t]))).sum())
+    for b, t, y in non_pad_positions(sample["target"], task.target_dictionary.pad()):
+        p_t = softmax64(zs[b, t], T)
+        q = softmax64(lprobs[b, t].double(), T)  # the top-k renormalised at T
+        expected_kd += kd_terms64(q, p_t[ids[b, t]])[0]
+        expected_ls += label_smoothed_nll64(torch.log(softmax64(zs[b, t])), y, EPS)
     assert float(log["kd_loss"]) == pytest.approx(expected_kd, rel=1e-5)
     assert float(loss) == pytest.approx(0.3 * T**2 * expected_kd + 0.7 * expected_ls, rel=1e-5)
 

@@ -22,6 +22,7 @@ import fairseq_kd  # noqa: F401  (registers translation_distill and word_kd)
 from fairseq_kd.criterions.word_kd import WordKDCriterion
 from fairseq_kd.tasks.translation_distill import TranslationDistillTask
 from fairseq_kd.teacher import Teacher
+from reference import kd_terms64, label_smoothed_nll64, non_pad_positions, softmax64
 
 ARCH = [
     "--arch", "transformer",
@@ -92,21 +93,13 @@ def setup(data_dir):
 
 
 def with_teachers(task, models):
-    """Hand the task an in-memory teacher. The criterion insists on --teacher-path at construction,
-    so a placeholder is set too; it is never read because the teacher is already there."""
-    task._teacher = Teacher(models, precision="fp32")
-    task.cfg.teacher_path = "in-memory-teacher.pt"
+    """Hand the task an in-memory teacher."""
+    task.set_teacher(Teacher(models, precision="fp32"))
     return task
 
 
 def criterion(task, alpha=0.5, temperature=2.0, kd_loss="kl", label_smoothing=0.1, sentence_avg=False):
     return WordKDCriterion(task, alpha, temperature, kd_loss, label_smoothing, sentence_avg)
-
-
-def softmax64(row, temperature=1.0):
-    x = row.double() / temperature
-    e = torch.exp(x - x.max())
-    return e / e.sum()
 
 
 def reference(student, teachers, sample, temperature, eps, pad):
@@ -121,26 +114,20 @@ def reference(student, teachers, sample, temperature, eps, pad):
             assert not m.training
             z_teachers.append(m(**net_input)[0].double())
     target = sample["target"]
-    vocab = z_student.size(-1)
     out = dict(ls=0.0, nll=0.0, kl=0.0, ce=0.0, teacher_nll=0.0)
     n_positions = 0
-    for b in range(target.size(0)):
-        for t in range(target.size(1)):
-            y = int(target[b, t])
-            if y == pad:
-                continue
-            n_positions += 1
-            logp = torch.log(softmax64(z_student[b, t]))
-            smoothed = torch.full((vocab,), eps / (vocab - 1), dtype=torch.float64)
-            smoothed[y] = 1.0 - eps
-            out["ls"] += float(-(smoothed * logp).sum())
-            out["nll"] += float(-logp[y])
-            p_t = softmax64(z_student[b, t], temperature)
-            q_t = sum(softmax64(z[b, t], temperature) for z in z_teachers) / len(z_teachers)
-            out["kl"] += float((q_t * (torch.log(q_t) - torch.log(p_t))).sum())
-            out["ce"] += float(-(q_t * torch.log(p_t)).sum())
-            q_1 = sum(softmax64(z[b, t]) for z in z_teachers) / len(z_teachers)
-            out["teacher_nll"] += -math.log(float(q_1[y]))
+    for b, t, y in non_pad_positions(target, pad):
+        n_positions += 1
+        logp = torch.log(softmax64(z_student[b, t]))
+        out["ls"] += label_smoothed_nll64(logp, y, eps)
+        out["nll"] += float(-logp[y])
+        p_t = softmax64(z_student[b, t], temperature)
+        q_t = sum(softmax64(z[b, t], temperature) for z in z_teachers) / len(z_teachers)
+        kl, ce, _ = kd_terms64(q_t, p_t)
+        out["kl"] += kl
+        out["ce"] += ce
+        q_1 = sum(softmax64(z[b, t]) for z in z_teachers) / len(z_teachers)
+        out["teacher_nll"] += -math.log(float(q_1[y]))
     assert n_positions == int(target.ne(pad).sum())
     return out
 
@@ -371,5 +358,5 @@ def test_task_max_positions_are_narrowed_to_the_teachers(data_dir):
     assert teacher.max_positions() == (16, 12)
     task = tasks.setup_task(parse(data_dir).task)
     assert task.max_positions() == (1024, 1024)
-    task._teacher = Teacher([teacher], precision="fp32")
+    task.set_teacher(Teacher([teacher], precision="fp32"))
     assert task.max_positions() == (16, 12)

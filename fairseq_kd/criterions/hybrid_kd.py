@@ -5,9 +5,11 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_kd import losses
-from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
+from fairseq_kd.criterions.flag_checks import check_weights
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk, teacher_source
+from fairseq_kd.data.batch_keys import TEACHER_NET_INPUT, TEACHER_NTOKENS, TEACHER_TARGET
 from fairseq_kd.registry import register_criterion_once
+from fairseq_kd.teacher import TeacherSource
 
 
 @dataclass
@@ -45,28 +47,20 @@ class HybridKDCriterion(KDCriterionBase):
 
         L = a_seq_nll * NLL_eps(y_gold) + a_seq_kd * r * NLL_eps(y_teacher) + a_word_kd * T^2 * KD
         KD = sum_t KL(q_T(.|prefix_<t, x) || p_T(.|prefix_<t, x))     (--kd-loss ce: H(q_T, p_T))
-        r = |y_gold| / |y_teacher|
+        r = |y_gold| / |y_teacher|   (1 with --sentence-avg)
 
-    each term summed over the batch's target tokens, KD over the positions of its prefix (times r
-    on the teacher's). The trainer divides L by the batch's gold tokens |y_gold|, so every term is
-    a mean over its own target's tokens and the weights mix per-token losses, however long the
-    teacher's translations are: one that repeats itself up to the length limit does not outweigh
-    the rest of its batch. With ``--sentence-avg`` L is divided by the sentences and r = 1.
-    NLL_eps is the label-smoothed NLL; NLL(y_teacher) is sequence-level KD on the teacher's beam
-    output (from ``--kd-data`` in paired mode, ``sample["kd_target"]``); KD is Hinton et al. 2015's
-    word-level term with the online teacher, on the teacher-target prefix, the gold prefix, or the
-    sum over both (``--word-kd-prefix``); a --teacher-cache (built for the gold targets) can serve
-    the gold prefix only, so it fits ``--seq-kd-weight 0 --word-kd-prefix gold``.
-    A term whose weight is 0 is not computed in training. Validation always logs the gold
-    ``nll_loss`` (comparable across criterions); a validation batch without teacher targets (no
-    valid split in --kd-data) counts the gold target for both sequence-level terms,
-    (a_seq_nll + a_seq_kd) * NLL_eps(y_gold), plus the gold-prefix word-level term.
+    each term summed over its target's tokens, KD over the positions of its prefix (times r on the
+    teacher's), so that after the trainer's division by |y_gold| the weights mix per-token means.
+    y_teacher is the teacher's translation (``--kd-data`` in paired mode); KD (Hinton et al. 2015)
+    is taken on the teacher-target prefix, the gold prefix or both (``--word-kd-prefix``). A term
+    whose weight is 0 is not computed in training; validation always logs the gold ``nll_loss``
+    (docs/seq-kd.md).
     """
 
     def __init__(self, task, seq_nll_weight, seq_kd_weight, word_kd_weight, word_kd_prefix, temperature,
                  kd_loss, label_smoothing, sentence_avg):
         super().__init__(task, sentence_avg, label_smoothing, temperature, kd_loss)
-        losses.check_weights("hybrid_kd", {
+        check_weights("hybrid_kd", {
             "--seq-nll-weight": seq_nll_weight, "--seq-kd-weight": seq_kd_weight, "--word-kd-weight": word_kd_weight,
         })
         self.seq_nll_weight = seq_nll_weight
@@ -81,12 +75,12 @@ class HybridKDCriterion(KDCriterionBase):
 
     def require_teacher_targets(self):
         """Fail at start-up when the task will not pair each gold target with the teacher's."""
-        cfg = self.task.cfg
-        if getattr(cfg, "kd_data", None) and cfg.kd_data_mode == "paired":
+        if getattr(self.task, "pairs_teacher_targets", False):
             return
         hint = (
             "; a --teacher-cache holds the teacher for the gold targets only: with it, use "
-            "--seq-kd-weight 0 --word-kd-prefix gold (or word_kd)" if getattr(cfg, "teacher_cache", None) else ""
+            "--seq-kd-weight 0 --word-kd-prefix gold (or word_kd)"
+            if teacher_source(self.task) is TeacherSource.CACHE else ""
         )
         raise ValueError(
             f"criterion {self.__class__.__name__} trains on the teacher's translations next to the gold "
@@ -103,7 +97,7 @@ class HybridKDCriterion(KDCriterionBase):
             or (self.word_kd_weight > 0 and "gold" in self.word_kd_prefixes)
         )
         needs_teacher_pass, gold_weight = self.uses_teacher_targets, self.seq_nll_weight
-        if needs_teacher_pass and "kd_target" not in sample:
+        if needs_teacher_pass and TEACHER_TARGET not in sample:
             if model.training:
                 raise ValueError(
                     f"{self.__class__.__name__} needs the teacher's translations: pass --kd-data DIR "
@@ -116,8 +110,10 @@ class HybridKDCriterion(KDCriterionBase):
         if needs_gold_pass:
             passes.append(("gold", sample["net_input"], sample["target"], gold_weight, "nll_loss"))
         if needs_teacher_pass:
-            passes.append(("teacher", sample["kd_net_input"], sample["kd_target"], self.seq_kd_weight, "seq_kd_nll_loss"))
-            log["kd_ntokens"] = sample["kd_ntokens"]
+            passes.append(
+                ("teacher", sample[TEACHER_NET_INPUT], sample[TEACHER_TARGET], self.seq_kd_weight, "seq_kd_nll_loss")
+            )
+            log[TEACHER_NTOKENS] = sample[TEACHER_NTOKENS]
 
         kd_weighted, kd_total, kd_positions = 0.0, 0.0, 0
         for prefix, net_input, target, nll_weight, nll_key in passes:
@@ -125,7 +121,7 @@ class HybridKDCriterion(KDCriterionBase):
             with_kd = self.word_kd_weight > 0 and prefix in self.word_kd_prefixes
             cache = cached_topk(sample) if prefix == "gold" else None
             terms, pad_mask = self.student_terms(net_output, net_input, target, with_kd, cache)
-            r = 1.0 if prefix == "gold" or self.sentence_avg else sample["ntokens"] / sample["kd_ntokens"]
+            r = 1.0 if prefix == "gold" or self.sentence_avg else sample["ntokens"] / sample[TEACHER_NTOKENS]
             loss = loss + nll_weight * r * terms.smoothed
             log[nll_key] = terms.nll.data
             if with_kd:

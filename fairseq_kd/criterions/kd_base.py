@@ -8,14 +8,23 @@ from fairseq.criterions import FairseqCriterion
 from fairseq.logging import metrics
 
 from fairseq_kd import losses
+from fairseq_kd.criterions.flag_checks import check_label_smoothing, check_temperature
+from fairseq_kd.data.batch_keys import TEACHER_NTOKENS, TEACHER_TOPK_IDS, TEACHER_TOPK_LPROBS
+from fairseq_kd.teacher import TeacherSource
 
 
 def cached_topk(sample):
     """The batch's offline teacher (top-k ids, log-probs), aligned with ``sample["target"]``, if
     the task loaded a --teacher-cache for this split."""
-    if "teacher_topk_ids" in sample:
-        return sample["teacher_topk_ids"], sample["teacher_topk_lprobs"]
+    if TEACHER_TOPK_IDS in sample:
+        return sample[TEACHER_TOPK_IDS], sample[TEACHER_TOPK_LPROBS]
     return None
+
+
+def teacher_source(task) -> TeacherSource:
+    """The task's :class:`~fairseq_kd.teacher.TeacherSource`; NONE for a task without a teacher
+    (e.g. fairseq's plain ``translation``)."""
+    return getattr(task, "teacher_source", TeacherSource.NONE)
 
 
 class KDCriterionBase(FairseqCriterion):
@@ -31,25 +40,23 @@ class KDCriterionBase(FairseqCriterion):
     LOSS_DENOMINATORS = {
         "nll_loss": "ntokens",
         "teacher_nll_loss": "ntokens",
-        "seq_kd_nll_loss": "kd_ntokens",
+        "seq_kd_nll_loss": TEACHER_NTOKENS,
         "kd_loss": "kd_positions",
         "cos_loss": "cos_positions",
     }
 
     def __init__(self, task, sentence_avg, label_smoothing=0.0, temperature=1.0, kd_loss="kl"):
         super().__init__(task)
-        losses.check_temperature(temperature)
-        losses.check_finite({"--label-smoothing": label_smoothing})
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must lie in [0, 1) (0 = none, 0.1 is usual), got {label_smoothing}")
+        check_temperature(temperature)
+        check_label_smoothing(label_smoothing)
         self.sentence_avg = sentence_avg
         self.eps = label_smoothing
         self.temperature = temperature
-        self.kd_loss = kd_loss
+        self.kd_kind = kd_loss  # the --kd-loss flag: "kl" or "ce"
 
     def require_teacher(self):
         """Fail at start-up, not at the first batch, when the task cannot provide a teacher."""
-        if not (hasattr(self.task, "has_teacher") and self.task.has_teacher()):
+        if teacher_source(self.task) is TeacherSource.NONE:
             raise ValueError(
                 f"criterion {self.__class__.__name__} distils from an online teacher: use "
                 f"--task translation_distill --teacher-path TEACHER.pt (got task "
@@ -83,11 +90,11 @@ class KDCriterionBase(FairseqCriterion):
         elif with_kd:
             if teacher_outputs is None:
                 teacher_outputs = self.teacher_outputs(net_input, logits.device)
-            teacher = losses.TeacherDistribution.from_logits([z.reshape(-1, vocab) for z, _ in teacher_outputs])
+            teacher = losses.OnlineTeacher([z.reshape(-1, vocab) for z, _ in teacher_outputs])
         # the logits are read by nothing but this loss: their memory takes their gradient
         terms = losses.student_losses(
             logits.reshape(-1, vocab), target.reshape(-1), pad_mask.view(-1), self.eps, teacher, self.temperature,
-            self.kd_loss, reuse_logits=True,
+            self.kd_kind, reuse_logits=True,
         )
         return terms, pad_mask
 

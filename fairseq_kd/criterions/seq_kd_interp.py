@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from fairseq_kd import losses
+from fairseq_kd.criterions.flag_checks import check_alpha
 from fairseq_kd.criterions.hybrid_kd import HybridKDCriterion
 from fairseq_kd.registry import register_criterion_once
 
@@ -39,7 +39,7 @@ class SeqKDInterpCriterion(HybridKDCriterion):
     """
 
     def __init__(self, task, alpha, label_smoothing, sentence_avg):
-        losses.check_alpha("alpha", alpha)
+        check_alpha("alpha", alpha)
         super().__init__(
             task, seq_nll_weight=1.0 - alpha, seq_kd_weight=alpha, word_kd_weight=0.0, word_kd_prefix="teacher",
             temperature=1.0, kd_loss="kl", label_smoothing=label_smoothing, sentence_avg=sentence_avg,

@@ -7,9 +7,11 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
 from fairseq_kd import losses
-from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
-from fairseq_kd.hidden_states import decoder_final_states, state_widths
+from fairseq_kd.criterions.flag_checks import check_weights
+from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk, teacher_source
+from fairseq_kd.hidden_states import decoder_final_states
 from fairseq_kd.registry import register_criterion_once
+from fairseq_kd.teacher import TeacherSource
 
 
 @dataclass
@@ -45,24 +47,20 @@ class TripleLossCriterion(KDCriterionBase):
 
     over non-pad target positions, h the decoder's final hidden states (the input of the output
     projection) of student and teacher on the gold prefix; with ``--cos-states decoder+encoder``
-    the encoder's final states are aligned too, over non-pad source positions (the student's are
-    read off its one forward pass; the teacher's encoder runs a second time). Pairs naturally
-    with a student initialised from the teacher's layers (``fairseq-kd-init-student``), whose
-    states start aligned. NVIDIA's NeMo NMT-distillation guide found the cosine term did not help
-    NMT in its setting; it is here to compare. The cosine term needs one online teacher (not an
-    ensemble, not a cache); with ``--cos-weight 0`` the KD term may come from a ``--teacher-cache`` (top-k, see
-    :func:`fairseq_kd.losses.topk_teacher_distribution`), with no teacher in memory. A term whose
-    weight is 0 is not computed.
+    the encoder's final states are aligned too, over non-pad source positions. The cosine term
+    needs one online teacher, neither an ensemble nor a cache; with ``--cos-weight 0`` the KD term
+    may come from a ``--teacher-cache``. A term whose weight is 0 is not computed
+    (docs/triple-loss.md).
     """
 
     def __init__(self, task, kd_weight, nll_weight, cos_weight, cos_states, width_mismatch, temperature, kd_loss,
                  label_smoothing, sentence_avg):
         super().__init__(task, sentence_avg, label_smoothing, temperature, kd_loss)
-        losses.check_weights("triple_loss", {"--kd-weight": kd_weight, "--nll-weight": nll_weight,
-                                             "--cos-weight": cos_weight})
+        check_weights("triple_loss", {"--kd-weight": kd_weight, "--nll-weight": nll_weight,
+                                      "--cos-weight": cos_weight})
         if kd_weight > 0 or cos_weight > 0:
             self.require_teacher()
-        if cos_weight > 0 and getattr(task.cfg, "teacher_cache", None):
+        if cos_weight > 0 and teacher_source(task) is TeacherSource.CACHE:
             raise ValueError(
                 "triple_loss's cosine term compares the teacher's hidden states, which a --teacher-cache "
                 "does not hold: distil from the cache with --cos-weight 0 (KD + NLL), or drop --teacher-cache "
@@ -70,13 +68,13 @@ class TripleLossCriterion(KDCriterionBase):
             )
         self.kd_weight, self.nll_weight, self.cos_weight = kd_weight, nll_weight, cos_weight
         self.sides = ("decoder", "encoder") if cos_states == "decoder+encoder" else ("decoder",)
-        if cos_weight > 0 and len(task.loaded_teacher().models) > 1:
+        if cos_weight > 0 and task.teacher().is_ensemble:
             raise ValueError("triple_loss aligns hidden states with one teacher: pass one --teacher-path, not an ensemble")
         self.projections = torch.nn.ModuleDict(self._projections(str(width_mismatch)) if cos_weight > 0 else {})
 
     def _projections(self, width_mismatch):
         """A linear map student width -> teacher width for each side whose widths differ."""
-        student, teacher = self.task.student_widths, state_widths(self.task.loaded_teacher().models[0])
+        student, teacher = self.task.student_widths, self.task.teacher_widths
         if student is None or None in [student[side] for side in self.sides] + [teacher[side] for side in self.sides]:
             raise ValueError(
                 "triple_loss compares the hidden states of fairseq transformers: build the student "
@@ -124,7 +122,7 @@ class TripleLossCriterion(KDCriterionBase):
 
         if self.cos_weight > 0:
             student_states = self._project("decoder", decoder_final_states(model, net_output[1]))
-            teacher_states = decoder_final_states(self.task.loaded_teacher().models[0], teacher_outputs[0][1])
+            teacher_states = self.task.teacher().decoder_states(teacher_outputs)[0]
             width = teacher_states.size(-1)
             cos_loss = losses.cosine_distance_loss(
                 student_states.reshape(-1, width), teacher_states.reshape(-1, width), pad_mask.view(-1)

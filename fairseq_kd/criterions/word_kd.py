@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_kd import losses
+from fairseq_kd.criterions.flag_checks import check_alpha
 from fairseq_kd.criterions.kd_base import KDCriterionBase, cached_topk
 from fairseq_kd.registry import register_criterion_once
 
@@ -48,7 +48,7 @@ class WordKDCriterion(KDCriterionBase):
 
     def __init__(self, task, alpha, temperature, kd_loss, label_smoothing, sentence_avg):
         super().__init__(task, sentence_avg, label_smoothing, temperature, kd_loss)
-        losses.check_alpha("alpha", alpha)
+        check_alpha("alpha", alpha)
         self.require_teacher()
         self.alpha = alpha
 

@@ -13,10 +13,12 @@ import math
 from typing import List, Sequence
 
 import numpy as np
-from fairseq.data import BaseWrapperDataset, ConcatDataset, LanguagePairDataset, ResamplingDataset, data_utils
+from fairseq.data import ConcatDataset, LanguagePairDataset, ResamplingDataset, data_utils
+
+from fairseq_kd.data.sized_pairs import SizedPairsDataset
 
 
-class FixedSubsetDataset(BaseWrapperDataset):
+class FixedSubsetDataset(SizedPairsDataset):
     """The pairs of ``dataset`` at ``indices`` (kept in every epoch)."""
 
     def __init__(self, dataset: LanguagePairDataset, indices: np.ndarray):
@@ -48,16 +50,6 @@ class FixedSubsetDataset(BaseWrapperDataset):
 
     def size(self, index):
         return self.dataset.size(self.indices[index])
-
-    def ordered_indices(self):
-        sizes = self.sizes
-        order = np.random.permutation(len(self)) if self.dataset.shuffle else np.arange(len(self))
-        order = order[np.argsort(sizes[order, 1], kind="mergesort")]
-        return order[np.argsort(sizes[order, 0], kind="mergesort")]
-
-    def filter_indices_by_size(self, indices, max_sizes):
-        sizes = self.sizes
-        return data_utils.filter_paired_dataset_indices_by_size(sizes[:, 0], sizes[:, 1], indices, max_sizes)
 
     def prefetch(self, indices):
         self.dataset.prefetch(self.indices[indices])

@@ -3,6 +3,7 @@
 import torch
 from fairseq.data import BaseWrapperDataset, LanguagePairDataset
 
+from fairseq_kd.data.batch_keys import TEACHER_TOPK_IDS, TEACHER_TOPK_LPROBS
 from fairseq_kd.teacher_cache import TeacherCache
 
 
@@ -12,10 +13,12 @@ class TeacherCacheDataset(BaseWrapperDataset):
     Each batch gains, aligned row for row and position for position with ``sample["target"]``
     (B x T, padded on the side ``left_pad_target`` says):
 
-    - ``teacher_topk_ids``: LongTensor B x T x k, the teacher's k most probable tokens, best first;
-    - ``teacher_topk_lprobs``: HalfTensor B x T x k (float16, as stored), their log-probabilities at
-      T = 1. Kept in float16 because fairseq's ``--bf16`` casts every float32 tensor of a batch to
-      bf16, which would round them further; the loss computes in float32.
+    - :data:`~fairseq_kd.data.batch_keys.TEACHER_TOPK_IDS`: LongTensor B x T x k, the teacher's k
+      most probable tokens, best first;
+    - :data:`~fairseq_kd.data.batch_keys.TEACHER_TOPK_LPROBS`: HalfTensor B x T x k (float16, as
+      stored), their log-probabilities at T = 1. Kept in float16 because fairseq's ``--bf16`` casts
+      every float32 tensor of a batch to bf16, which would round them further; the loss computes in
+      float32.
 
     Padding positions hold the pad index and log-probability 0. Sizes, batching, ordering and
     filtering are the wrapped dataset's (inherited from :class:`BaseWrapperDataset`).
@@ -35,7 +38,7 @@ class TeacherCacheDataset(BaseWrapperDataset):
 
     def __getitem__(self, index):
         item = self.dataset[index]
-        item["teacher_topk_ids"], item["teacher_topk_lprobs"] = self.cache.get(index)
+        item[TEACHER_TOPK_IDS], item[TEACHER_TOPK_LPROBS] = self.cache.get(index)
         return item
 
     def collater(self, samples, pad_to_length=None):
@@ -49,10 +52,10 @@ class TeacherCacheDataset(BaseWrapperDataset):
         lprobs = torch.zeros(bsz, tgt_len, self.cache.k, dtype=torch.float16)
         for row, sample_id in enumerate(batch["id"].tolist()):  # the wrapped collater's order
             sample = by_id[sample_id]
-            n = len(sample["teacher_topk_ids"])
+            n = len(sample[TEACHER_TOPK_IDS])
             positions = slice(tgt_len - n, tgt_len) if self.dataset.left_pad_target else slice(0, n)
-            ids[row, positions] = sample["teacher_topk_ids"]
-            lprobs[row, positions] = sample["teacher_topk_lprobs"]
-        batch["teacher_topk_ids"] = ids
-        batch["teacher_topk_lprobs"] = lprobs
+            ids[row, positions] = sample[TEACHER_TOPK_IDS]
+            lprobs[row, positions] = sample[TEACHER_TOPK_LPROBS]
+        batch[TEACHER_TOPK_IDS] = ids
+        batch[TEACHER_TOPK_LPROBS] = lprobs
         return batch

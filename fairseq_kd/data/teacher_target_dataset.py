@@ -2,8 +2,11 @@
 
 import numpy as np
 import torch
-from fairseq.data import BaseWrapperDataset, FairseqDataset, LanguagePairDataset, data_utils
+from fairseq.data import FairseqDataset, LanguagePairDataset, data_utils
 from fairseq.data.indexed_dataset import MMapIndexedDataset
+
+from fairseq_kd.data.batch_keys import TEACHER_NET_INPUT, TEACHER_NTOKENS, TEACHER_TARGET
+from fairseq_kd.data.sized_pairs import SizedPairsDataset
 
 _TOKENS_PER_BLOCK = 1 << 24  # tokens compared at once by the fast path of check_aligned
 
@@ -47,13 +50,16 @@ def _differing_sentences(a, b) -> np.ndarray:
     return np.unique(np.searchsorted(starts, offsets, side="right") - 1)
 
 
-class TeacherTargetDataset(BaseWrapperDataset):
+class TeacherTargetDataset(SizedPairsDataset):
     """A :class:`LanguagePairDataset` whose batches also carry the teacher's target.
 
-    Each batch gains ``kd_target`` (B x T', padded like ``target``) and ``kd_net_input``
-    (``net_input`` with ``prev_output_tokens`` built from ``kd_target``, the teacher-forced prefix
-    for a second student pass). Batching counts the longer of the two targets, and sentences whose
-    teacher target exceeds the target length limit are filtered like over-long gold ones.
+    Each batch gains :data:`~fairseq_kd.data.batch_keys.TEACHER_TARGET` (B x T', padded like
+    ``target``), :data:`~fairseq_kd.data.batch_keys.TEACHER_NET_INPUT` (``net_input`` with
+    ``prev_output_tokens`` built from the teacher's target, the teacher-forced prefix for a second
+    student pass) and :data:`~fairseq_kd.data.batch_keys.TEACHER_NTOKENS`. Sizes, and so batching,
+    ordering and filtering, count the longer of the two targets: a second pass may hold no more
+    tokens than ``--max-tokens`` allows, and over-long teacher targets are filtered like over-long
+    gold ones.
 
     Args:
         gold: the gold pairs.
@@ -62,28 +68,28 @@ class TeacherTargetDataset(BaseWrapperDataset):
 
     def __init__(self, gold: LanguagePairDataset, teacher: LanguagePairDataset):
         super().__init__(gold)
-        self.kd_targets = teacher.tgt
-        self.kd_sizes = teacher.tgt_sizes
-        self._sizes = np.vstack((gold.src_sizes, np.maximum(gold.tgt_sizes, self.kd_sizes))).T
+        self.teacher_targets = teacher.tgt
+        self.teacher_sizes = teacher.tgt_sizes
+        self._sizes = np.vstack((gold.src_sizes, np.maximum(gold.tgt_sizes, self.teacher_sizes))).T
 
     def __getitem__(self, index):
         item = self.dataset[index]
-        item["kd_target"] = self.kd_targets[index]
+        item[TEACHER_TARGET] = self.teacher_targets[index]
         return item
 
     def collater(self, samples, pad_to_length=None):
         batch = self.dataset.collater(samples, pad_to_length=pad_to_length)
         if len(samples) == 0:
             return batch
-        by_id = {s["id"]: s["kd_target"] for s in samples}
-        kd_targets = [by_id[i] for i in batch["id"].tolist()]  # the gold collater's order
+        by_id = {s["id"]: s[TEACHER_TARGET] for s in samples}
+        targets = [by_id[i] for i in batch["id"].tolist()]  # the gold collater's order
         pad, eos = self.dataset.tgt_dict.pad(), self.dataset.tgt_dict.eos()
         left_pad = self.dataset.left_pad_target
-        batch["kd_target"] = data_utils.collate_tokens(kd_targets, pad, eos, left_pad)
-        batch["kd_ntokens"] = sum(len(t) for t in kd_targets)
-        batch["kd_net_input"] = dict(
+        batch[TEACHER_TARGET] = data_utils.collate_tokens(targets, pad, eos, left_pad)
+        batch[TEACHER_NTOKENS] = sum(len(t) for t in targets)
+        batch[TEACHER_NET_INPUT] = dict(
             batch["net_input"],
-            prev_output_tokens=data_utils.collate_tokens(kd_targets, pad, eos, left_pad, move_eos_to_beginning=True),
+            prev_output_tokens=data_utils.collate_tokens(targets, pad, eos, left_pad, move_eos_to_beginning=True),
         )
         return batch
 
@@ -92,27 +98,15 @@ class TeacherTargetDataset(BaseWrapperDataset):
         return self._sizes
 
     def num_tokens(self, index):
-        return max(self.dataset.num_tokens(index), int(self.kd_sizes[index]))
+        return max(self.dataset.num_tokens(index), int(self.teacher_sizes[index]))
 
     def num_tokens_vec(self, indices):
-        return np.maximum(self.dataset.num_tokens_vec(indices), self.kd_sizes[indices])
+        return np.maximum(self.dataset.num_tokens_vec(indices), self.teacher_sizes[indices])
 
     def size(self, index):
         src, tgt = self.dataset.size(index)
-        return src, max(tgt, int(self.kd_sizes[index]))
-
-    def filter_indices_by_size(self, indices, max_sizes):
-        return data_utils.filter_paired_dataset_indices_by_size(self._sizes[:, 0], self._sizes[:, 1], indices, max_sizes)
-
-    def ordered_indices(self):
-        """Shuffled (if the gold pairs are), then sorted by the longer target and by the source, as
-        :class:`LanguagePairDataset` sorts by its own: a long teacher target is batched with others."""
-        indices = np.random.permutation(len(self)) if self.dataset.shuffle else np.arange(len(self))
-        indices = indices[np.argsort(self._sizes[indices, 1], kind="mergesort")]
-        return indices[np.argsort(self._sizes[indices, 0], kind="mergesort")]
+        return src, max(tgt, int(self.teacher_sizes[index]))
 
     def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
-        """Batches of at most ``max_tokens`` counting the longer of the two targets (the wrapper
-        base class would hand this to the gold pairs, which know only the gold lengths: a teacher
-        target many times longer than its reference would then multiply the second pass's size)."""
+        """Batches by this dataset's own token counts (the longer target), not the gold pairs'."""
         return FairseqDataset.batch_by_size(self, indices, max_tokens, max_sentences, required_batch_size_multiple)

@@ -13,15 +13,18 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_l
 from omegaconf import II
 from omegaconf.errors import OmegaConfBaseException
 
+from fairseq_kd.criterions.flag_checks import check_finite
+from fairseq_kd.data.batch_keys import TEACHER_TARGET
 from fairseq_kd.data.mixing import FixedSubsetDataset, mix_by_ratio, parse_ratios
 from fairseq_kd.data.teacher_cache_dataset import TeacherCacheDataset
 from fairseq_kd.data.teacher_target_dataset import TeacherTargetDataset, check_aligned
 from fairseq_kd.hidden_states import state_widths
-from fairseq_kd.losses import check_finite
 from fairseq_kd.registry import register_task_once
 from fairseq_kd.safe_load import check_checkpoint
 from fairseq_kd.student_init import STRATEGIES as STUDENT_INIT_STRATEGIES, init_student_from_teacher
-from fairseq_kd.teacher import PRECISIONS, Teacher, check_no_colon_in_file_name, check_same_dictionary
+from fairseq_kd.teacher import (
+    PRECISIONS, Teacher, TeacherSource, check_no_colon_in_file_name, check_same_dictionary,
+)
 from fairseq_kd.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -92,7 +95,7 @@ class TranslationDistillConfig(TranslationConfig):
         default="paired",
         metadata={
             "help": "paired: each batch carries the teacher target of the same source as "
-            "sample['kd_target'] (for seq_kd_interp / hybrid_kd); concat: train on gold + teacher "
+            f"sample['{TEACHER_TARGET}'] (for seq_kd_interp / hybrid_kd); concat: train on gold + teacher "
             "(+ --extra-data) pairs (Gordon & Duh 2019 base+kd); ratio: draw from them each epoch "
             "in --mix-ratios proportions"
         },
@@ -129,6 +132,10 @@ class TranslationDistillTask(TranslationTask):
     student's checkpoints hold the student alone), moved to the student's device on first use, and
     never loaded when ``fairseq-generate``/``fairseq-interactive`` rebuild the student from a
     checkpoint. Each distributed worker has its own task and so its own teacher.
+
+    What the criterions use: :attr:`teacher_source`, :meth:`teacher`, :attr:`teacher_widths` and
+    :attr:`student_widths`, :attr:`pairs_teacher_targets`; :meth:`set_teacher` hands the task a
+    teacher built elsewhere (in memory).
     """
 
     cfg: TranslationDistillConfig
@@ -149,7 +156,7 @@ class TranslationDistillTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self._check_mixing_options()
         self._teacher = None
-        self.student_widths = None
+        self.student_widths = None  # set by build_model
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         """Load the gold pairs of ``split``; with --kd-data, add or mix in the teacher's."""
@@ -198,7 +205,7 @@ class TranslationDistillTask(TranslationTask):
                 "split, give --teacher-path to run the teacher online there)"
             )
         else:  # loaded now, so that a bad teacher fails before training, not at the first validation
-            self.loaded_teacher(reason=f"split {split!r} has no cache in {self.cfg.teacher_cache}")
+            self._loaded_teacher(reason=f"split {split!r} has no cache in {self.cfg.teacher_cache}")
 
     def _check_mixing_options(self):
         cfg = self.cfg
@@ -266,7 +273,7 @@ class TranslationDistillTask(TranslationTask):
         if not from_checkpoint:
             self._check_finetune_from_model()
         model = super().build_model(cfg, from_checkpoint)
-        self.student_widths = state_widths(model)  # for criterions that compare hidden states
+        self.student_widths = state_widths(model)
         if not from_checkpoint and self.cfg.teacher_path:
             if self.cfg.teacher_cache:
                 logger.info(
@@ -274,7 +281,7 @@ class TranslationDistillTask(TranslationTask):
                     "cache; it is loaded only for a split without one, or for --student-init"
                 )
             else:
-                self._load_teacher()
+                self._loaded_teacher()
         if not from_checkpoint and self.cfg.student_init != "none":
             self._init_student_from_teacher(model)
         return model
@@ -294,8 +301,8 @@ class TranslationDistillTask(TranslationTask):
         """Copy the teacher's embeddings, output projection, norms and chosen layers into ``model``.
 
         A resumed run loads checkpoint_last.pt after this, which then overrides the copy."""
-        teacher = self.loaded_teacher(reason="--student-init copies its layers")
-        if len(teacher.models) > 1:
+        teacher = self._loaded_teacher(reason="--student-init copies its layers")
+        if teacher.is_ensemble:
             raise ValueError("--student-init copies the layers of one teacher; --teacher-path names an ensemble")
         layer_maps = init_student_from_teacher(
             model, teacher.models[0].state_dict(), self.cfg.student_init,
@@ -306,12 +313,6 @@ class TranslationDistillTask(TranslationTask):
             f"encoder {layer_maps['encoder']}, decoder {layer_maps['decoder']}"
         )
 
-    def _load_teacher(self) -> Teacher:
-        self._teacher = Teacher.load(
-            self.cfg.teacher_path, self, precision=self.cfg.teacher_precision, dict_dir=self.cfg.teacher_dict_dir
-        )
-        return self._teacher
-
     def max_positions(self):
         """The student's limits, narrowed to the teacher's: a batch the teacher cannot read is
         skipped like one too long for the student, not an index error in the teacher."""
@@ -320,13 +321,47 @@ class TranslationDistillTask(TranslationTask):
             limits = utils.resolve_max_positions(limits, *(model.max_positions() for model in self._teacher.models))
         return limits
 
-    def has_teacher(self) -> bool:
-        """Whether a teacher is loaded, named by --teacher-path or cached in --teacher-cache."""
-        return self._teacher is not None or bool(self.cfg.teacher_path or self.cfg.teacher_cache)
+    @property
+    def teacher_source(self) -> TeacherSource:
+        """Where the training split's teacher distribution comes from: a --teacher-cache, else an
+        online teacher (named by --teacher-path, or set), else none."""
+        if self.cfg.teacher_cache:
+            return TeacherSource.CACHE
+        if self._teacher is not None or self.cfg.teacher_path:
+            return TeacherSource.ONLINE
+        return TeacherSource.NONE
 
-    def loaded_teacher(self, reason: Optional[str] = None) -> Teacher:
-        """The teacher, loaded on first use (e.g. by ``fairseq-validate``), wherever it is now;
-        ``reason`` (why it is needed) is logged when it is loaded here next to a --teacher-cache."""
+    @property
+    def teacher_loaded(self) -> bool:
+        """Whether the online teacher is in memory (it is loaded on first use)."""
+        return self._teacher is not None
+
+    def teacher(self, device: Optional[torch.device] = None) -> Teacher:
+        """The online teacher, loaded on first use (e.g. by ``fairseq-validate``), on ``device`` if given."""
+        teacher = self._loaded_teacher()
+        return teacher if device is None else teacher.to(device)
+
+    def set_teacher(self, teacher: Optional[Teacher]) -> None:
+        """Use ``teacher`` (e.g. built in memory) as the online teacher; None forgets it."""
+        self._teacher = teacher
+
+    @property
+    def teacher_widths(self) -> dict:
+        """The widths of the online teacher's final states, as :attr:`student_widths` gives the
+        student's (:func:`~fairseq_kd.hidden_states.state_widths`); only for one teacher."""
+        teacher = self.teacher()
+        if teacher.is_ensemble:
+            raise ValueError("hidden states are compared with one teacher: pass one --teacher-path, not an ensemble")
+        return state_widths(teacher.models[0])
+
+    @property
+    def pairs_teacher_targets(self) -> bool:
+        """Whether each batch carries the teacher's translation next to the gold target."""
+        return bool(self.cfg.kd_data) and self.cfg.kd_data_mode == "paired"
+
+    def _loaded_teacher(self, reason: str = "a batch has no cache") -> Teacher:
+        """The teacher, loaded now if it is not yet; ``reason`` (why it is needed) is logged when it
+        is loaded here next to a --teacher-cache."""
         if self._teacher is None:
             if not self.cfg.teacher_path:
                 raise ValueError(
@@ -334,10 +369,8 @@ class TranslationDistillTask(TranslationTask):
                     "(the task translation_distill loads it)"
                 )
             if self.cfg.teacher_cache:
-                logger.info(f"loading teacher {self.cfg.teacher_path} next to --teacher-cache: {reason or 'a batch has no cache'}")
-            self._load_teacher()
+                logger.info(f"loading teacher {self.cfg.teacher_path} next to --teacher-cache: {reason}")
+            self._teacher = Teacher.load(
+                self.cfg.teacher_path, self, precision=self.cfg.teacher_precision, dict_dir=self.cfg.teacher_dict_dir
+            )
         return self._teacher
-
-    def teacher(self, device: torch.device) -> Teacher:
-        """The teacher on ``device``."""
-        return self.loaded_teacher().to(device)

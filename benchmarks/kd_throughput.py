@@ -173,13 +173,15 @@ def save_topk(args, workdir):
 
 def run_config(args):
     """Time one configuration in this process and print one JSON line."""
+    from fairseq_kd.data.batch_keys import TEACHER_TOPK_IDS, TEACHER_TOPK_LPROBS
+
     torch.set_num_threads(args.threads)
     config, workdir = args.config, args.workdir
     cfg, task, student, crit, batches = build(args, workdir, config)
     device = device_of(args)
     if config == "cached":  # the batches carry the teacher, no teacher in memory
         for batch, (ids, lprobs) in zip(batches, torch.load(os.path.join(workdir, "topk.pt"))):
-            batch["teacher_topk_ids"], batch["teacher_topk_lprobs"] = ids, lprobs
+            batch[TEACHER_TOPK_IDS], batch[TEACHER_TOPK_LPROBS] = ids, lprobs
     batches = [on_device(batch, device) for batch in batches]
     student.to(device)
     crit.to(device)
@@ -206,7 +208,7 @@ def run_config(args):
         if i >= args.warmup:
             times.append(elapsed)
             tokens += batch["ntokens"]
-    loaded = teacher or getattr(task, "_teacher", None)
+    loaded = teacher or (task.teacher() if task.teacher_loaded else None)
     print(json.dumps({
         "config": config, "step_s": sum(times) / len(times), "tokens_per_s": tokens / sum(times),
         "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": base_rss, "device": str(device),

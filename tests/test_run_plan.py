@@ -1,5 +1,6 @@
-"""examples/tools/run_plan.py: which steps wait for which, and running them one or several at a
-time, with resumption and failures, on plans of small Python scripts."""
+"""examples/tools/run_plan.py: which steps wait for which (the needs each step declares), and
+running them one or several at a time, with resumption and failures, on plans of small Python
+scripts."""
 
 import shlex
 import signal
@@ -7,8 +8,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PLAN = REPO / "examples" / "tools" / "run_plan.py"
@@ -40,13 +39,15 @@ with open(log, "a") as f:
 
 
 def write_plan(work, steps):
-    """steps: (name, after, args) with args relative to work; the output is work/name."""
+    """steps: (name, needs, args) with needs ("*" or paths) and args relative to work, the inputs
+    among args; the output is work/name."""
     script = work / "step.py"
     script.write_text(SCRIPT)
     lines = []
-    for name, after, args in steps:
+    for name, needs, args in steps:
         argv = [str(script), str(work / name)] + [a if a.startswith("--") or a[0].isdigit() else str(work / a) for a in args]
-        lines.append("\t".join([name, str(work / name), "0", after, shlex.join(argv)]))
+        needs = "*" if needs == "*" else shlex.join(str(work / path) for path in needs)
+        lines.append("\t".join([name, str(work / name), "0", needs, shlex.join(argv)]))
     (work / "plan.tsv").write_text("\n".join(lines) + "\n")
 
 
@@ -60,14 +61,15 @@ def events(work):
     return [(kind, name, float(t)) for kind, name, t in rows]
 
 
-def test_dependencies_from_named_outputs(tmp_path):
+def test_dependencies_from_declared_needs(tmp_path):
     write_plan(tmp_path, [
-        ("data", "auto", []),
-        ("data2", "auto", []),
-        ("model", "auto", ["data/file"]),          # a path under an earlier output
-        ("model_b", "auto", ["data2"]),            # "data" is a prefix of "data2", not its directory
-        ("eval", "auto", ["model", "data2"]),
-        ("report", "all", []),
+        ("data", [], []),
+        ("data2", [], []),
+        ("model", ["data/file"], []),              # a path under an earlier output
+        ("model_b", ["data2"], ["data"]),          # "data" is a prefix of "data2", not its directory; and
+                                                   # a path the command names is no need unless declared
+        ("eval", ["model", "data2"], []),
+        ("report", "*", []),
     ])
     needs = run_plan.dependencies(run_plan.read_plan(tmp_path / "plan.tsv"))
     assert needs == {
@@ -76,12 +78,22 @@ def test_dependencies_from_named_outputs(tmp_path):
     }
 
 
+def test_a_need_that_no_earlier_step_makes_is_refused(tmp_path):
+    write_plan(tmp_path, [("a", ["b"], []), ("b", [], [])])  # made, but later
+    proc = run(tmp_path)
+    assert proc.returncode != 0 and f"step a needs {tmp_path}/b, which no earlier step makes" in proc.stdout
+    write_plan(tmp_path, [("a", [], []), ("b", ["a2"], [])])  # made by no step
+    proc = run(tmp_path)
+    assert proc.returncode != 0 and f"step b needs {tmp_path}/a2, which no earlier step makes" in proc.stdout
+    assert not (tmp_path / "order.log").exists()  # refused before anything ran
+
+
 def test_two_jobs_overlap_independent_steps_and_respect_order(tmp_path):
     write_plan(tmp_path, [
-        ("a", "auto", ["--sleep", "1"]),
-        ("b", "auto", ["--sleep", "1"]),
-        ("c", "auto", ["a", "b"]),
-        ("report", "all", []),
+        ("a", [], ["--sleep", "1"]),
+        ("b", [], ["--sleep", "1"]),
+        ("c", ["a", "b"], ["a", "b"]),
+        ("report", "*", []),
     ])
     proc = run(tmp_path, jobs=2)
     assert proc.returncode == 0, proc.stdout
@@ -94,17 +106,17 @@ def test_two_jobs_overlap_independent_steps_and_respect_order(tmp_path):
 
 
 def test_one_job_runs_in_plan_order(tmp_path):
-    write_plan(tmp_path, [("a", "auto", []), ("b", "auto", []), ("c", "auto", ["a"])])
+    write_plan(tmp_path, [("a", [], []), ("b", [], []), ("c", ["a"], ["a"])])
     assert run(tmp_path).returncode == 0
     assert [name for kind, name, _ in events(tmp_path) if kind == "start"] == ["a", "b", "c"]
 
 
 def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_path):
     write_plan(tmp_path, [
-        ("slow", "auto", ["--sleep", "1.5"]),
-        ("bad", "auto", ["--fail"]),
-        ("after_bad", "auto", ["bad"]),
-        ("later", "auto", []),
+        ("slow", [], ["--sleep", "1.5"]),
+        ("bad", [], ["--fail"]),
+        ("after_bad", ["bad"], ["bad"]),
+        ("later", [], []),
     ])
     proc = run(tmp_path, jobs=2)
     assert proc.returncode != 0
@@ -115,10 +127,10 @@ def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_p
 
     # fix the failing step and rerun: only what is missing runs
     write_plan(tmp_path, [
-        ("slow", "auto", ["--sleep", "1.5"]),
-        ("bad", "auto", []),
-        ("after_bad", "auto", ["bad"]),
-        ("later", "auto", []),
+        ("slow", [], ["--sleep", "1.5"]),
+        ("bad", [], []),
+        ("after_bad", ["bad"], ["bad"]),
+        ("later", [], []),
     ])
     (tmp_path / "order.log").unlink()
     proc = run(tmp_path, jobs=2)
@@ -128,18 +140,28 @@ def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_p
 
 
 def test_bad_plan_and_jobs_refused(tmp_path):
-    (tmp_path / "plan.tsv").write_text("a\tout\t0\tsometimes\techo\n")
+    (tmp_path / "plan.tsv").write_text("a\tout\t0\techo\n")
     proc = run(tmp_path)
-    assert proc.returncode != 0 and "AFTER auto or all" in proc.stdout
-    write_plan(tmp_path, [("a", "auto", [])])
+    assert proc.returncode != 0 and "expected 5 tab-separated fields" in proc.stdout
+    write_plan(tmp_path, [("a", [], [])])
     proc = run(tmp_path, jobs=0)
     assert proc.returncode != 0 and "--jobs must be at least 1" in proc.stdout
+
+
+def test_dry_run_shows_what_each_step_waits_for(tmp_path):
+    write_plan(tmp_path, [("data", [], []), ("model", ["data"], []), ("report", "*", [])])
+    proc = subprocess.run([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--dry-run"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert "# model (to run; after data)" in proc.stdout
+    assert "# report (to run; after every earlier step)" in proc.stdout
+    assert not (tmp_path / "data").exists()
 
 
 def test_sigterm_to_the_runner_stops_its_steps(tmp_path):
     """A job scheduler's time limit signals the runner alone: its running steps must stop with it
     (and a step started in the background, where SIGINT is ignored, too)."""
-    write_plan(tmp_path, [("a", "auto", ["--sleep", "60"]), ("b", "auto", ["--sleep", "60"])])
+    write_plan(tmp_path, [("a", [], ["--sleep", "60"]), ("b", [], ["--sleep", "60"])])
     proc = subprocess.Popen([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--jobs", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

@@ -4,19 +4,20 @@
 
 recipe_lib.sh writes the plan, one step per line, tab-separated:
 
-    NAME  OUTPUT  STDOUT  AFTER  COMMAND (shell-quoted words)
+    NAME  MAKES  STDOUT  NEEDS  COMMAND (shell-quoted words)
 
-AFTER says which earlier steps must be done first: "auto", those whose OUTPUT the command names
-(as a whole path or a path prefix, e.g. DIR for DIR/checkpoint_best.pt), or "all", every earlier
-step. With --jobs 1 the steps simply run in plan order; with --jobs N up to N steps whose earlier
-steps are done run at once, in plan order as they become ready. When a step fails, no new step
-starts, the running ones finish, and the run stops with the failure.
+MAKES is the step's output. NEEDS is what the step needs from earlier steps: shell-quoted paths,
+each the MAKES of an earlier step or a path inside it (DIR/checkpoint_best.pt for DIR), and the
+step waits for the steps that make them; "*" means every earlier step. A plan that needs a path no
+earlier step makes is refused. With --jobs 1 the steps simply run in plan order; with --jobs N up
+to N steps whose needs are done run at once, in plan order as they become ready. When a step
+fails, no new step starts, the running ones finish, and the run stops with the failure.
 
-A step runs COMMAND unless OUTPUT exists. COMMAND writes OUTPUT.partial (a file or a directory),
-which is renamed to OUTPUT once the command succeeds, so an interrupted step leaves no OUTPUT and
+A step runs COMMAND unless MAKES exists. COMMAND writes MAKES.partial (a file or a directory),
+which is renamed to MAKES once the command succeeds, so an interrupted step leaves no output and
 runs again next time (fairseq-train and fairseq-kd-distill-data then resume from what they left
-in OUTPUT.partial). OUTPUT "-" means: run every time (the report). With STDOUT 1, the command's
-standard output is OUTPUT.partial itself (fairseq-generate's hypotheses); otherwise it goes to
+in MAKES.partial). MAKES "-" means: run every time (the report). With STDOUT 1, the command's
+standard output is MAKES.partial itself (fairseq-generate's hypotheses); otherwise it goes to
 WORK/logs/NAME.log, and standard error always does. Each step's wall time is appended to
 WORK/timings.tsv.
 
@@ -29,8 +30,8 @@ checkpoint_utils.save_checkpoint, metrics) never leaks from one step into the ne
 """
 
 import argparse
+import contextlib
 import os
-import re
 import runpy
 import shlex
 import signal
@@ -51,12 +52,15 @@ PRELOAD = (
 )
 
 
+EVERY_EARLIER_STEP = "*"
+
+
 @dataclass
 class Step:
     name: str
-    output: str  # "-": no output, run every time
+    output: str  # MAKES; "-": no output, run every time
     stdout_is_output: bool
-    after: str  # "auto" or "all"
+    needs: List[str]  # paths, or [EVERY_EARLIER_STEP]
     argv: List[str]
 
     def done(self) -> bool:
@@ -68,10 +72,10 @@ def read_plan(path: str) -> List[Step]:
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
-            if len(fields) != 5 or fields[3] not in ("auto", "all"):
-                sys.exit(f"{path}:{number}: expected 5 tab-separated fields, AFTER auto or all: {line!r}")
-            name, output, stdout, after, command = fields
-            steps.append(Step(name, output, stdout == "1", after, shlex.split(command)))
+            if len(fields) != 5:
+                sys.exit(f"{path}:{number}: expected 5 tab-separated fields: {line!r}")
+            name, output, stdout, needs, command = fields
+            steps.append(Step(name, output, stdout == "1", shlex.split(needs), shlex.split(command)))
     names = [s.name for s in steps]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -79,19 +83,26 @@ def read_plan(path: str) -> List[Step]:
     return steps
 
 
+def makers(path: str, earlier: List[Step]) -> Set[str]:
+    """The earlier steps whose output is ``path`` or a directory holding it."""
+    return {s.name for s in earlier if s.output != "-" and (path == s.output or path.startswith(s.output + "/"))}
+
+
 def dependencies(steps: List[Step]) -> Dict[str, Set[str]]:
-    """For each step, the names of the earlier steps it must wait for (see AFTER above)."""
+    """For each step, the names of the earlier steps it must wait for (see NEEDS above); exits
+    naming the first need that no earlier step makes."""
     needs = {}
     for i, step in enumerate(steps):
         earlier = steps[:i]
-        if step.after == "all":
+        if step.needs == [EVERY_EARLIER_STEP]:
             needs[step.name] = {s.name for s in earlier}
             continue
-        command = "\n".join(step.argv)
-        needs[step.name] = {
-            s.name for s in earlier
-            if s.output != "-" and re.search(rf"(^|[\s=,:]){re.escape(s.output)}($|[\s/,:])", command, flags=re.M)
-        }
+        needs[step.name] = set()
+        for path in step.needs:
+            found = makers(path, earlier)
+            if not found:
+                sys.exit(f"step {step.name} needs {path}, which no earlier step makes")
+            needs[step.name] |= found
     return needs
 
 
@@ -187,10 +198,8 @@ class Runner:
         """Terminate the running steps and reap them. SIGTERM, not SIGINT: a recipe started in the
         background by a non-interactive shell ignores SIGINT, and so do the steps it forks."""
         for pid in self.running:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for pid in list(self.running):
             os.waitpid(pid, 0)
         self.running.clear()
@@ -200,9 +209,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(steps: List[Step], work: str, jobs: int) -> None:
-    """Run every step that is not done, each once the steps it needs are done, ``jobs`` at a time."""
-    needs = dependencies(steps)
+def run(steps: List[Step], needs: Dict[str, Set[str]], work: str, jobs: int) -> None:
+    """Run every step that is not done, each once the steps it ``needs`` are done, ``jobs`` at a time."""
     finished = set()
     pending = []
     for step in steps:
@@ -241,22 +249,23 @@ def main():
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     steps = read_plan(args.plan)
+    needs = dependencies(steps)
     work = os.path.dirname(os.path.abspath(args.plan))
     if args.dry_run:
-        needs = dependencies(steps)
         for step in steps:
             state = "done" if step.done() else "to run"
             redirect = f" > {step.output}.partial" if step.stdout_is_output else ""
             python = "python " if step.argv[0].endswith(".py") else ""
-            after = "every earlier step" if step.after == "all" else (
+            after = "every earlier step" if step.needs == [EVERY_EARLIER_STEP] else (
                 ", ".join(s.name for s in steps if s.name in needs[step.name]) or "nothing"
             )
-            print(f"# {step.name} ({state}; after {after})\n{python}{shlex.join(step.argv)}{redirect}")
+            print(f"# {step.name} ({state}; after {after})\n"
+                  f"{python}{shlex.join(step.argv)}{redirect}")
         return
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     for module in PRELOAD:
         __import__(module)
-    run(steps, work, args.jobs)
+    run(steps, needs, work, args.jobs)
     print(f"all {len(steps)} steps done; timings in {os.path.join(work, 'timings.tsv')}")
 
 

@@ -1,7 +1,8 @@
-"""examples/tools/run_plan.py: which steps wait for which (the needs each step declares), and
-running them one or several at a time, with resumption and failures, on plans of small Python
-scripts."""
+"""examples/tools/run_plan.py: which steps wait for which (the needs each step declares), running
+them one or several at a time within a number of cores, each with its threads, with resumption and
+failures, on plans of small Python scripts."""
 
+import os
 import shlex
 import signal
 import subprocess
@@ -15,7 +16,8 @@ sys.path.insert(0, str(RUN_PLAN.parent))
 import run_plan  # noqa: E402
 
 # STEP.py OUT [INPUT...] [--sleep S] [--fail]: checks that every INPUT exists, logs start and end
-# times to order.log, writes OUT.partial.
+# times to order.log, writes OUT.partial: "done", or with --threads the threads it computes with
+# (torch's, OMP_NUM_THREADS, MKL_NUM_THREADS).
 SCRIPT = """
 import os, sys, time
 args = sys.argv[1:]
@@ -32,27 +34,32 @@ time.sleep(sleep)
 if fail:
     sys.exit(3)
 with open(out + ".partial", "w") as f:
-    f.write("done")
+    if "--threads" in args:
+        import torch
+        f.write(f"{torch.get_num_threads()} {os.environ['OMP_NUM_THREADS']} {os.environ['MKL_NUM_THREADS']}")
+    else:
+        f.write("done")
 with open(log, "a") as f:
     f.write(f"end {os.path.basename(out)} {time.time()}\\n")
 """
 
 
 def write_plan(work, steps):
-    """steps: (name, needs, args) with needs ("*" or paths) and args relative to work, the inputs
-    among args; the output is work/name."""
+    """steps: (name, needs, args[, threads]) with needs ("*" or paths) and args relative to work,
+    the inputs among args; the output is work/name; one thread unless given."""
     script = work / "step.py"
     script.write_text(SCRIPT)
     lines = []
-    for name, needs, args in steps:
+    for name, needs, args, *threads in steps:
         argv = [str(script), str(work / name)] + [a if a.startswith("--") or a[0].isdigit() else str(work / a) for a in args]
         needs = "*" if needs == "*" else shlex.join(str(work / path) for path in needs)
-        lines.append("\t".join([name, str(work / name), "0", needs, shlex.join(argv)]))
+        lines.append("\t".join([name, str(work / name), "0", str(threads[0] if threads else 1), needs, shlex.join(argv)]))
     (work / "plan.tsv").write_text("\n".join(lines) + "\n")
 
 
-def run(work, jobs=1):
-    return subprocess.run([sys.executable, str(RUN_PLAN), str(work / "plan.tsv"), "--jobs", str(jobs)],
+def run(work, jobs=1, cores=None):
+    cores = [] if cores is None else ["--cores", str(cores)]
+    return subprocess.run([sys.executable, str(RUN_PLAN), str(work / "plan.tsv"), "--jobs", str(jobs), *cores],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
 
 
@@ -139,22 +146,67 @@ def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_p
     assert sorted(name for kind, name, _ in events(tmp_path) if kind == "start") == ["after_bad", "bad", "later"]
 
 
-def test_bad_plan_and_jobs_refused(tmp_path):
-    (tmp_path / "plan.tsv").write_text("a\tout\t0\techo\n")
+def test_bad_plan_jobs_and_cores_refused(tmp_path):
+    (tmp_path / "plan.tsv").write_text("a\tout\t0\tsome\t\techo\n")
     proc = run(tmp_path)
-    assert proc.returncode != 0 and "expected 5 tab-separated fields" in proc.stdout
+    assert proc.returncode != 0 and "expected 6 tab-separated fields, THREADS a positive number" in proc.stdout
+    (tmp_path / "plan.tsv").write_text("a\tout\t0\t0\t\techo\n")
+    assert "THREADS a positive number" in run(tmp_path).stdout
     write_plan(tmp_path, [("a", [], [])])
     proc = run(tmp_path, jobs=0)
     assert proc.returncode != 0 and "--jobs must be at least 1" in proc.stdout
+    proc = run(tmp_path, cores=0)
+    assert proc.returncode != 0 and "--cores must be at least 1" in proc.stdout
 
 
-def test_dry_run_shows_what_each_step_waits_for(tmp_path):
-    write_plan(tmp_path, [("data", [], []), ("model", ["data"], []), ("report", "*", [])])
+def test_running_steps_threads_stay_within_the_cores(tmp_path):
+    """Three jobs, two cores: the two-thread step runs alone, the one-thread steps side by side."""
+    write_plan(tmp_path, [("wide", [], ["--sleep", "1"], 2), ("a", [], ["--sleep", "1"]), ("b", [], ["--sleep", "1"])])
+    proc = run(tmp_path, jobs=3, cores=2)
+    assert proc.returncode == 0, proc.stdout
+    when = {(kind, name): t for kind, name, t in events(tmp_path)}
+    assert when[("start", "a")] >= when[("end", "wide")] and when[("start", "b")] >= when[("end", "wide")]
+    assert when[("start", "b")] < when[("end", "a")]  # a and b ran side by side
+
+
+def test_a_ready_step_that_does_not_fit_is_not_overtaken(tmp_path):
+    """A wide step waits for cores, and the narrow steps after it in the plan wait behind it (else
+    they could keep it from ever starting); a step wider than the machine runs alone."""
+    write_plan(tmp_path, [
+        ("first", [], ["--sleep", "1"]),
+        ("wide", [], [], 2),
+        ("narrow", [], []),
+        ("wider_than_the_machine", [], ["--sleep", "0.5"], 3),
+        ("last", [], []),
+    ])
+    proc = run(tmp_path, jobs=2, cores=2)
+    assert proc.returncode == 0, proc.stdout
+    when = {(kind, name): t for kind, name, t in events(tmp_path)}
+    assert when[("start", "wide")] >= when[("end", "first")]
+    assert when[("start", "narrow")] >= when[("end", "wide")]
+    assert when[("start", "wider_than_the_machine")] >= when[("end", "narrow")]
+    assert when[("start", "last")] >= when[("end", "wider_than_the_machine")]
+
+
+def test_each_step_computes_with_its_threads(tmp_path):
+    """The child sets torch's threads and OMP_NUM_THREADS/MKL_NUM_THREADS to the step's threads,
+    whatever the runner started with."""
+    write_plan(tmp_path, [("one", [], ["--threads"], 1), ("two", [], ["--threads"], 2)])
+    proc = subprocess.run([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--jobs", "2", "--cores", "3"],
+                          env=dict(os.environ, OMP_NUM_THREADS="3", MKL_NUM_THREADS="3"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert (tmp_path / "one").read_text() == "1 1 1"
+    assert (tmp_path / "two").read_text() == "2 2 2"
+
+
+def test_dry_run_shows_each_steps_threads_and_needs(tmp_path):
+    write_plan(tmp_path, [("data", [], []), ("model", ["data"], [], 2), ("report", "*", [])])
     proc = subprocess.run([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--dry-run"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
-    assert "# model (to run; after data)" in proc.stdout
-    assert "# report (to run; after every earlier step)" in proc.stdout
+    assert "# model (to run; 2 threads; after data)" in proc.stdout
+    assert "# report (to run; 1 thread; after every earlier step)" in proc.stdout
     assert not (tmp_path / "data").exists()
 
 

@@ -6,7 +6,7 @@
 # Every block takes what it uses as arguments, apart from the settings below and the paths of the
 # work directory that recipe_begin names (BIN, SPM, TEACHER_CHECKPOINT). The blocks run nothing
 # themselves: each appends steps to WORK/plan.tsv, a step being a name, the output it makes, the
-# outputs of earlier steps it needs and the command. run_recipe adds the speed
+# outputs of earlier steps it needs, its threads and the command. run_recipe adds the speed
 # measurement and the report and hands the plan to run_plan.py, which runs every step whose output
 # does not exist yet (commands write OUTPUT.partial, renamed on success), so a recipe resumes where
 # it stopped; delete an output to redo its step (and the steps that used it). WORK/plan.tsv and
@@ -16,11 +16,15 @@
 #   SCALE      tiny (default): a slice of Multi30k and tiny models, a few minutes in all, to check
 #              the commands; full: the benchmark (hours to days, see docs/recipes.md)
 #   WORK       work directory (default work/recipes/NAME-SCALE)
-#   THREADS    CPU threads for torch per step (default: 1 at tiny scale, where tiny models gain
-#              nothing from more, else all cores / JOBS; on a machine shared with other jobs use
-#              fewer: OpenMP threads that wait for a busy core slow training down many times over)
+#   THREADS    threads of each step (torch, OpenMP, fairseq-preprocess --workers, CTranslate2;
+#              default: 1 at tiny scale, where tiny models gain nothing from more, else nproc /
+#              JOBS, nproc answering OMP_NUM_THREADS if set; on a machine shared with other jobs use
+#              fewer: OpenMP threads that wait for a busy core slow training down many times over).
+#              A recipe may give one block other threads: `THREADS=2 teacher ...`
 #   JOBS       steps run at once (default 1): independent steps (the students, their translations)
-#              side by side, each with THREADS threads; e.g. JOBS=2 THREADS=1 on 2 cores
+#              side by side; e.g. JOBS=2 THREADS=1 on 2 cores
+#   CORES      cores the steps share (default: all): a step starts only when its threads fit in
+#              the cores the running steps leave free
 #   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
 #   SPEED_BATCH, SPEED_THREADS  the speed step's larger batch (default 64) and threads (default 1)
 #   RESULTS    directory of the results table and plot (default: docs/results at full scale,
@@ -53,6 +57,9 @@ recipe_begin() {
     SEEDS=${SEEDS:-1}
     JOBS=${JOBS:-1}
     [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive number of steps, not '$JOBS'"
+    # every core this process may use (nproc alone would answer OMP_NUM_THREADS)
+    CORES=${CORES:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
+    [[ $CORES =~ ^[1-9][0-9]*$ ]] || die "CORES must be a positive number of cores, not '$CORES'"
     PYTHON=${PYTHON:-python}
     if [[ $SCALE == tiny ]]; then
         # A slice of the data, models of a few thousand parameters, tens of updates: checks that
@@ -135,7 +142,8 @@ transformer_arch() {
         --encoder-attention-heads "$6" --decoder-attention-heads "$6" "${@:7}")
 }
 
-# step NAME OUTPUT [NEEDS...] -- COMMAND...: add a step whose COMMAND writes OUTPUT.partial. NEEDS are the outputs of earlier steps that COMMAND reads (or paths inside them):
+# step NAME OUTPUT [NEEDS...] -- COMMAND...: add a step whose COMMAND writes OUTPUT.partial, with
+# THREADS threads. NEEDS are the outputs of earlier steps that COMMAND reads (or paths inside them):
 # the step runs after the steps that make them (with JOBS > 1, independent steps run side by side).
 # step_stdout NAME OUTPUT [NEEDS...] -- COMMAND...: the same, COMMAND's standard output being
 # OUTPUT.partial.
@@ -150,7 +158,7 @@ _add_step() {
     count=$(_count_needs "$@")
     local needs=("${@:1:count}")
     shift $((count + 1))
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "${needs[*]@Q}" "$(printf '%q ' "$@")" >>"$PLAN"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$THREADS" "${needs[*]@Q}" "$(printf '%q ' "$@")" >>"$PLAN"
 }
 
 # _count_needs WORDS...: how many WORDS come before the -- that ends a list of needs.
@@ -326,7 +334,7 @@ _students() {
 # RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
 run_recipe() {
     local title=$1
-    step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
+    THREADS=$SPEED_THREADS step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
         --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$SPEED_BATCH" "${GEN_LIMITS[@]}" \
         --threads "$SPEED_THREADS" --bleu-subset test --bleu-reference "$WORK/raw/${TEST_NAMES[0]}.$TGT" \
         --spm "$SPM" --out "$WORK/speed.json.partial"
@@ -336,5 +344,5 @@ run_recipe() {
     echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
     local dry_run=()
     [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)
-    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" "${dry_run[@]}"
+    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" --cores "$CORES" "${dry_run[@]}"
 }

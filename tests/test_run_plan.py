@@ -15,6 +15,11 @@ RUN_PLAN = REPO / "examples" / "tools" / "run_plan.py"
 sys.path.insert(0, str(RUN_PLAN.parent))
 import run_plan  # noqa: E402
 
+# run_plan.py as a command, preloading torch alone: the steps here are small scripts, and fairseq's
+# imports (the real preload, which tests/test_recipes.py runs) would cost seconds a run
+RUNNER = [sys.executable, "-c", "import sys, run_plan; run_plan.PRELOAD = ('torch',); run_plan.main()"]
+RUNNER_ENV = dict(os.environ, PYTHONPATH=str(RUN_PLAN.parent))
+
 # STEP.py OUT [INPUT...] [--sleep S] [--fail]: checks that every INPUT exists, logs start and end
 # times to order.log, writes OUT.partial: "done", or with --threads the threads it computes with
 # (torch's, OMP_NUM_THREADS, MKL_NUM_THREADS).
@@ -59,7 +64,7 @@ def write_plan(work, steps):
 
 def run(work, jobs=1, cores=None):
     cores = [] if cores is None else ["--cores", str(cores)]
-    return subprocess.run([sys.executable, str(RUN_PLAN), str(work / "plan.tsv"), "--jobs", str(jobs), *cores],
+    return subprocess.run([*RUNNER, str(work / "plan.tsv"), "--jobs", str(jobs), *cores], env=RUNNER_ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
 
 
@@ -192,8 +197,8 @@ def test_each_step_computes_with_its_threads(tmp_path):
     """The child sets torch's threads and OMP_NUM_THREADS/MKL_NUM_THREADS to the step's threads,
     whatever the runner started with."""
     write_plan(tmp_path, [("one", [], ["--threads"], 1), ("two", [], ["--threads"], 2)])
-    proc = subprocess.run([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--jobs", "2", "--cores", "3"],
-                          env=dict(os.environ, OMP_NUM_THREADS="3", MKL_NUM_THREADS="3"),
+    proc = subprocess.run([*RUNNER, str(tmp_path / "plan.tsv"), "--jobs", "2", "--cores", "3"],
+                          env=dict(RUNNER_ENV, OMP_NUM_THREADS="3", MKL_NUM_THREADS="3"),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
     assert (tmp_path / "one").read_text() == "1 1 1"
@@ -202,7 +207,7 @@ def test_each_step_computes_with_its_threads(tmp_path):
 
 def test_dry_run_shows_each_steps_threads_and_needs(tmp_path):
     write_plan(tmp_path, [("data", [], []), ("model", ["data"], [], 2), ("report", "*", [])])
-    proc = subprocess.run([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--dry-run"],
+    proc = subprocess.run([*RUNNER, str(tmp_path / "plan.tsv"), "--dry-run"], env=RUNNER_ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
     assert "# model (to run; 2 threads; after data)" in proc.stdout
@@ -214,7 +219,7 @@ def test_sigterm_to_the_runner_stops_its_steps(tmp_path):
     """A job scheduler's time limit signals the runner alone: its running steps must stop with it
     (and a step started in the background, where SIGINT is ignored, too)."""
     write_plan(tmp_path, [("a", [], ["--sleep", "60"]), ("b", [], ["--sleep", "60"])])
-    proc = subprocess.Popen([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--jobs", "2"],
+    proc = subprocess.Popen([*RUNNER, str(tmp_path / "plan.tsv"), "--jobs", "2"], env=RUNNER_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = tmp_path / "order.log"

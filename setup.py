@@ -26,10 +26,11 @@ setup(
     ],
     # matplotlib draws the recipes' BLEU-vs-parameters plot (the recipe test runs every recipe);
     # ctranslate2 runs fairseq-kd-export-ct2 and the CTranslate2 teacher engine of distill-data (and
-    # the recipes measure the exported students' speed with it)
+    # the recipes measure the exported students' speed with it); ruff checks the code against
+    # ruff.toml (tests/test_lint.py), one minor version because new versions add rules
     extras_require={
         "ct2": ["ctranslate2>=4.5"],
-        "test": ["pytest", "matplotlib>=3.5", "ctranslate2>=4.5"],
+        "test": ["pytest", "matplotlib>=3.5", "ctranslate2>=4.5", "ruff>=0.17,<0.18"],
         "recipes": ["matplotlib>=3.5", "ctranslate2>=4.5"],
     },
     entry_points={

@@ -106,3 +106,24 @@ def empty_split_data(tiny_data, directory, split):
                                                vocab_size=100)
         builder.finalize(str(directory / f"{split}.src-tgt.{lang}.idx"))  # no sentences
     return directory
+
+
+# The slow marker (pytest.ini): `make test-fast` runs `pytest -m "not slow"`. The test files that
+# train, distil or translate through fairseq's command-line tools, or run whole recipes and
+# scripts, take from 20 s to minutes each; they are marked here by file name (test_recipes.py and
+# test_gpu_check.py mark their own).
+SLOW_TEST_FILES = {
+    "test_distributed.py",       # two-process training through torchrun
+    "test_ct2_export.py",        # the rest train the session's tiny teacher or another, through fairseq-train
+    "test_distill_data.py",
+    "test_distill_data_ct2.py",
+    "test_safe_load.py",
+    "test_student_init.py",
+    "test_teacher_cache.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name.startswith("test_e2e_") or item.path.name in SLOW_TEST_FILES:
+            item.add_marker(pytest.mark.slow)

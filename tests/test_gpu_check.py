@@ -44,6 +44,7 @@ def table_rows(stdout):
     return {line.split()[0]: line.split()[1] for line in lines if line.strip() and not line.startswith(("passed", "FAILED"))}
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_step(dry_run):
     rc, stdout, result = dry_run
     steps = {s["name"]: s for s in result["steps"]}
@@ -54,6 +55,7 @@ def test_dry_run_passes_every_step(dry_run):
     assert result["environment"]["torch"] and result["environment"]["fairseq"]
 
 
+@pytest.mark.slow
 def test_dry_run_measures_what_the_gpu_run_reports(dry_run):
     _, _, result = dry_run
     metrics = {s["name"]: s.get("metrics", {}) for s in result["steps"]}
@@ -72,6 +74,7 @@ def test_dry_run_measures_what_the_gpu_run_reports(dry_run):
     assert set(metrics["throughput"]["online_memory"]) == {"online_fp32", "online_auto"}
 
 
+@pytest.mark.slow
 def test_a_step_over_its_time_limit_is_named_and_its_dependants_skipped(tmp_path):
     rc, stdout, result = check_script(tmp_path, "--dry-run", "--steps", "distill_data", "--timeout", "teacher=1",
                                       timeout=300)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every recipe end to end: minutes
+
 REPO = Path(__file__).resolve().parents[1]
 EVAL_LINES, TRAIN_LINES, SPEED_LINES = 30, 300, 10  # recipe_lib.sh's tiny defaults
 TESTS = ["test_2016_flickr", "test_2017_flickr"]

@@ -1,6 +1,8 @@
-"""examples/tools/run_plan.py: which steps wait for which, and running them one or several at a
-time, with resumption and failures, on plans of small Python scripts."""
+"""examples/tools/run_plan.py: which steps wait for which (the needs each step declares), running
+them one or several at a time within a number of cores, each with its threads, with resumption and
+failures, on plans of small Python scripts."""
 
+import os
 import shlex
 import signal
 import subprocess
@@ -8,15 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 RUN_PLAN = REPO / "examples" / "tools" / "run_plan.py"
 sys.path.insert(0, str(RUN_PLAN.parent))
 import run_plan  # noqa: E402
 
+# run_plan.py as a command, preloading torch alone: the steps here are small scripts, and fairseq's
+# imports (the real preload, which tests/test_recipes.py runs) would cost seconds a run
+RUNNER = [sys.executable, "-c", "import sys, run_plan; run_plan.PRELOAD = ('torch',); run_plan.main()"]
+RUNNER_ENV = dict(os.environ, PYTHONPATH=str(RUN_PLAN.parent))
+
 # STEP.py OUT [INPUT...] [--sleep S] [--fail]: checks that every INPUT exists, logs start and end
-# times to order.log, writes OUT.partial.
+# times to order.log, writes OUT.partial: "done", or with --threads the threads it computes with
+# (torch's, OMP_NUM_THREADS, MKL_NUM_THREADS).
 SCRIPT = """
 import os, sys, time
 args = sys.argv[1:]
@@ -33,25 +39,32 @@ time.sleep(sleep)
 if fail:
     sys.exit(3)
 with open(out + ".partial", "w") as f:
-    f.write("done")
+    if "--threads" in args:
+        import torch
+        f.write(f"{torch.get_num_threads()} {os.environ['OMP_NUM_THREADS']} {os.environ['MKL_NUM_THREADS']}")
+    else:
+        f.write("done")
 with open(log, "a") as f:
     f.write(f"end {os.path.basename(out)} {time.time()}\\n")
 """
 
 
 def write_plan(work, steps):
-    """steps: (name, after, args) with args relative to work; the output is work/name."""
+    """steps: (name, needs, args[, threads]) with needs ("*" or paths) and args relative to work,
+    the inputs among args; the output is work/name; one thread unless given."""
     script = work / "step.py"
     script.write_text(SCRIPT)
     lines = []
-    for name, after, args in steps:
+    for name, needs, args, *threads in steps:
         argv = [str(script), str(work / name)] + [a if a.startswith("--") or a[0].isdigit() else str(work / a) for a in args]
-        lines.append("\t".join([name, str(work / name), "0", after, shlex.join(argv)]))
+        needs = "*" if needs == "*" else shlex.join(str(work / path) for path in needs)
+        lines.append("\t".join([name, str(work / name), "0", str(threads[0] if threads else 1), needs, shlex.join(argv)]))
     (work / "plan.tsv").write_text("\n".join(lines) + "\n")
 
 
-def run(work, jobs=1):
-    return subprocess.run([sys.executable, str(RUN_PLAN), str(work / "plan.tsv"), "--jobs", str(jobs)],
+def run(work, jobs=1, cores=None):
+    cores = [] if cores is None else ["--cores", str(cores)]
+    return subprocess.run([*RUNNER, str(work / "plan.tsv"), "--jobs", str(jobs), *cores], env=RUNNER_ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
 
 
@@ -60,14 +73,15 @@ def events(work):
     return [(kind, name, float(t)) for kind, name, t in rows]
 
 
-def test_dependencies_from_named_outputs(tmp_path):
+def test_dependencies_from_declared_needs(tmp_path):
     write_plan(tmp_path, [
-        ("data", "auto", []),
-        ("data2", "auto", []),
-        ("model", "auto", ["data/file"]),          # a path under an earlier output
-        ("model_b", "auto", ["data2"]),            # "data" is a prefix of "data2", not its directory
-        ("eval", "auto", ["model", "data2"]),
-        ("report", "all", []),
+        ("data", [], []),
+        ("data2", [], []),
+        ("model", ["data/file"], []),              # a path under an earlier output
+        ("model_b", ["data2"], ["data"]),          # "data" is a prefix of "data2", not its directory; and
+                                                   # a path the command names is no need unless declared
+        ("eval", ["model", "data2"], []),
+        ("report", "*", []),
     ])
     needs = run_plan.dependencies(run_plan.read_plan(tmp_path / "plan.tsv"))
     assert needs == {
@@ -76,12 +90,22 @@ def test_dependencies_from_named_outputs(tmp_path):
     }
 
 
+def test_a_need_that_no_earlier_step_makes_is_refused(tmp_path):
+    write_plan(tmp_path, [("a", ["b"], []), ("b", [], [])])  # made, but later
+    proc = run(tmp_path)
+    assert proc.returncode != 0 and f"step a needs {tmp_path}/b, which no earlier step makes" in proc.stdout
+    write_plan(tmp_path, [("a", [], []), ("b", ["a2"], [])])  # made by no step
+    proc = run(tmp_path)
+    assert proc.returncode != 0 and f"step b needs {tmp_path}/a2, which no earlier step makes" in proc.stdout
+    assert not (tmp_path / "order.log").exists()  # refused before anything ran
+
+
 def test_two_jobs_overlap_independent_steps_and_respect_order(tmp_path):
     write_plan(tmp_path, [
-        ("a", "auto", ["--sleep", "1"]),
-        ("b", "auto", ["--sleep", "1"]),
-        ("c", "auto", ["a", "b"]),
-        ("report", "all", []),
+        ("a", [], ["--sleep", "1"]),
+        ("b", [], ["--sleep", "1"]),
+        ("c", ["a", "b"], ["a", "b"]),
+        ("report", "*", []),
     ])
     proc = run(tmp_path, jobs=2)
     assert proc.returncode == 0, proc.stdout
@@ -94,17 +118,17 @@ def test_two_jobs_overlap_independent_steps_and_respect_order(tmp_path):
 
 
 def test_one_job_runs_in_plan_order(tmp_path):
-    write_plan(tmp_path, [("a", "auto", []), ("b", "auto", []), ("c", "auto", ["a"])])
+    write_plan(tmp_path, [("a", [], []), ("b", [], []), ("c", ["a"], ["a"])])
     assert run(tmp_path).returncode == 0
     assert [name for kind, name, _ in events(tmp_path) if kind == "start"] == ["a", "b", "c"]
 
 
 def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_path):
     write_plan(tmp_path, [
-        ("slow", "auto", ["--sleep", "1.5"]),
-        ("bad", "auto", ["--fail"]),
-        ("after_bad", "auto", ["bad"]),
-        ("later", "auto", []),
+        ("slow", [], ["--sleep", "1.5"]),
+        ("bad", [], ["--fail"]),
+        ("after_bad", ["bad"], ["bad"]),
+        ("later", [], []),
     ])
     proc = run(tmp_path, jobs=2)
     assert proc.returncode != 0
@@ -115,10 +139,10 @@ def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_p
 
     # fix the failing step and rerun: only what is missing runs
     write_plan(tmp_path, [
-        ("slow", "auto", ["--sleep", "1.5"]),
-        ("bad", "auto", []),
-        ("after_bad", "auto", ["bad"]),
-        ("later", "auto", []),
+        ("slow", [], ["--sleep", "1.5"]),
+        ("bad", [], []),
+        ("after_bad", ["bad"], ["bad"]),
+        ("later", [], []),
     ])
     (tmp_path / "order.log").unlink()
     proc = run(tmp_path, jobs=2)
@@ -127,20 +151,75 @@ def test_failure_stops_new_steps_lets_running_finish_and_resume_skips_done(tmp_p
     assert sorted(name for kind, name, _ in events(tmp_path) if kind == "start") == ["after_bad", "bad", "later"]
 
 
-def test_bad_plan_and_jobs_refused(tmp_path):
-    (tmp_path / "plan.tsv").write_text("a\tout\t0\tsometimes\techo\n")
+def test_bad_plan_jobs_and_cores_refused(tmp_path):
+    (tmp_path / "plan.tsv").write_text("a\tout\t0\tsome\t\techo\n")
     proc = run(tmp_path)
-    assert proc.returncode != 0 and "AFTER auto or all" in proc.stdout
-    write_plan(tmp_path, [("a", "auto", [])])
+    assert proc.returncode != 0 and "expected 6 tab-separated fields, THREADS a positive number" in proc.stdout
+    (tmp_path / "plan.tsv").write_text("a\tout\t0\t0\t\techo\n")
+    assert "THREADS a positive number" in run(tmp_path).stdout
+    write_plan(tmp_path, [("a", [], [])])
     proc = run(tmp_path, jobs=0)
     assert proc.returncode != 0 and "--jobs must be at least 1" in proc.stdout
+    proc = run(tmp_path, cores=0)
+    assert proc.returncode != 0 and "--cores must be at least 1" in proc.stdout
+
+
+def test_running_steps_threads_stay_within_the_cores(tmp_path):
+    """Three jobs, two cores: the two-thread step runs alone, the one-thread steps side by side."""
+    write_plan(tmp_path, [("wide", [], ["--sleep", "1"], 2), ("a", [], ["--sleep", "1"]), ("b", [], ["--sleep", "1"])])
+    proc = run(tmp_path, jobs=3, cores=2)
+    assert proc.returncode == 0, proc.stdout
+    when = {(kind, name): t for kind, name, t in events(tmp_path)}
+    assert when[("start", "a")] >= when[("end", "wide")] and when[("start", "b")] >= when[("end", "wide")]
+    assert when[("start", "b")] < when[("end", "a")]  # a and b ran side by side
+
+
+def test_a_ready_step_that_does_not_fit_is_not_overtaken(tmp_path):
+    """A wide step waits for cores, and the narrow steps after it in the plan wait behind it (else
+    they could keep it from ever starting); a step wider than the machine runs alone."""
+    write_plan(tmp_path, [
+        ("first", [], ["--sleep", "1"]),
+        ("wide", [], [], 2),
+        ("narrow", [], []),
+        ("wider_than_the_machine", [], ["--sleep", "0.5"], 3),
+        ("last", [], []),
+    ])
+    proc = run(tmp_path, jobs=2, cores=2)
+    assert proc.returncode == 0, proc.stdout
+    when = {(kind, name): t for kind, name, t in events(tmp_path)}
+    assert when[("start", "wide")] >= when[("end", "first")]
+    assert when[("start", "narrow")] >= when[("end", "wide")]
+    assert when[("start", "wider_than_the_machine")] >= when[("end", "narrow")]
+    assert when[("start", "last")] >= when[("end", "wider_than_the_machine")]
+
+
+def test_each_step_computes_with_its_threads(tmp_path):
+    """The child sets torch's threads and OMP_NUM_THREADS/MKL_NUM_THREADS to the step's threads,
+    whatever the runner started with."""
+    write_plan(tmp_path, [("one", [], ["--threads"], 1), ("two", [], ["--threads"], 2)])
+    proc = subprocess.run([*RUNNER, str(tmp_path / "plan.tsv"), "--jobs", "2", "--cores", "3"],
+                          env=dict(RUNNER_ENV, OMP_NUM_THREADS="3", MKL_NUM_THREADS="3"),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert (tmp_path / "one").read_text() == "1 1 1"
+    assert (tmp_path / "two").read_text() == "2 2 2"
+
+
+def test_dry_run_shows_each_steps_threads_and_needs(tmp_path):
+    write_plan(tmp_path, [("data", [], []), ("model", ["data"], [], 2), ("report", "*", [])])
+    proc = subprocess.run([*RUNNER, str(tmp_path / "plan.tsv"), "--dry-run"], env=RUNNER_ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert "# model (to run; 2 threads; after data)" in proc.stdout
+    assert "# report (to run; 1 thread; after every earlier step)" in proc.stdout
+    assert not (tmp_path / "data").exists()
 
 
 def test_sigterm_to_the_runner_stops_its_steps(tmp_path):
     """A job scheduler's time limit signals the runner alone: its running steps must stop with it
     (and a step started in the background, where SIGINT is ignored, too)."""
-    write_plan(tmp_path, [("a", "auto", ["--sleep", "60"]), ("b", "auto", ["--sleep", "60"])])
-    proc = subprocess.Popen([sys.executable, str(RUN_PLAN), str(tmp_path / "plan.tsv"), "--jobs", "2"],
+    write_plan(tmp_path, [("a", [], ["--sleep", "60"]), ("b", [], ["--sleep", "60"])])
+    proc = subprocess.Popen([*RUNNER, str(tmp_path / "plan.tsv"), "--jobs", "2"], env=RUNNER_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = tmp_path / "order.log"

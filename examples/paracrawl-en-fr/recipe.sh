@@ -34,16 +34,16 @@ else
     teacher_size=(6 6 1024 4096 16) student_size=(6 2 512 2048 8)
 fi
 
-transformer_arch "${teacher_size[@]}" --dropout 0.1
-teacher "${ARCH[@]}"
+transformer_arch teacher_arch "${teacher_size[@]}" --dropout 0.1
+teacher "${teacher_arch[@]}"
 distill kd top1
 
-transformer_arch "${student_size[@]}" --dropout 0.1
-STUDENT_ARCH=("${ARCH[@]}")
-BASELINE=baseline
-student baseline "gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
-student seq_kd "seq-KD: teacher targets only" "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
-finetune seq_kd_then_gold "seq-KD, then gold (QuillBot order)" seq_kd "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
-finetune gold_then_seq_kd "gold, then seq-KD (reverse order)" baseline "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
+# every student: its architecture, gold-data objective; tested against the gold-only baseline
+transformer_arch student_arch "${student_size[@]}" --dropout 0.1
+gold=("${student_arch[@]}" --task translation "${LABEL_SMOOTHED[@]}")
+student baseline "gold only" baseline "$BIN" -- "${gold[@]}"
+student seq_kd "seq-KD: teacher targets only" baseline "$WORK/kd" -- "${gold[@]}"
+finetune seq_kd_then_gold "seq-KD, then gold (QuillBot order)" baseline seq_kd "$BIN" -- "${gold[@]}"
+finetune gold_then_seq_kd "gold, then seq-KD (reverse order)" baseline baseline "$WORK/kd" -- "${gold[@]}"
 
 run_recipe "ParaCrawl-style en-fr: sequence-level KD, then fine-tuning on gold"

@@ -34,18 +34,18 @@ else
     teacher_size=(6 6 512 1024 4) student_size=(3 3 256 1024 4)
 fi
 
-transformer_arch "${teacher_size[@]}" --dropout 0.3
-teacher "${ARCH[@]}"
+transformer_arch teacher_arch "${teacher_size[@]}" --dropout 0.3
+teacher "${teacher_arch[@]}"
 distill kd top1
 distill kd2 nbest-2
 
-transformer_arch "${student_size[@]}" --dropout 0.3
-STUDENT_ARCH=("${ARCH[@]}")
-BASELINE=base
-student base "base: gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
-student kd "kd: teacher's best translation" "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
-student base_kd "base+kd" "$BIN" --task translation_distill --kd-data "$WORK/kd" --kd-data-mode concat \
-    "${LABEL_SMOOTHED[@]}"
-student best2 "best-2: teacher's two best translations" "$WORK/kd2" --task translation "${LABEL_SMOOTHED[@]}"
+# every student: its architecture, gold-data objective; tested against base (gold only)
+transformer_arch student_arch "${student_size[@]}" --dropout 0.3
+gold=("${student_arch[@]}" --task translation "${LABEL_SMOOTHED[@]}")
+student base "base: gold only" base "$BIN" -- "${gold[@]}"
+student kd "kd: teacher's best translation" base "$WORK/kd" -- "${gold[@]}"
+student base_kd "base+kd" base "$BIN" "$WORK/kd" -- "${student_arch[@]}" --task translation_distill \
+    --kd-data "$WORK/kd" --kd-data-mode concat "${LABEL_SMOOTHED[@]}"
+student best2 "best-2: teacher's two best translations" base "$WORK/kd2" -- "${gold[@]}"
 
 run_recipe "TED de-en: sequence-level KD as data augmentation (Gordon & Duh 2019)"

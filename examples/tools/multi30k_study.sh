@@ -47,7 +47,7 @@ multi30k_study() {
 methods_study() {
     recipe_begin "multi30k-$1-$2" "$1" "$2"
     # layers: encoder decoder; widths: d_model ffn heads
-    local teacher_size student_size teacher_arch
+    local teacher_size student_size teacher_arch student_arch
     if [[ $SCALE == tiny ]]; then
         teacher_size=(2 2 32 64 2) student_size=(1 1 32 64 2)
     else
@@ -58,10 +58,8 @@ methods_study() {
         # shallow decoder is what makes decoding fast).
         teacher_size=(3 3 256 1024 4) student_size=(2 1 256 1024 4)
     fi
-    transformer_arch "${teacher_size[@]}" --dropout 0.3
-    teacher_arch=("${ARCH[@]}")
-    transformer_arch "${student_size[@]}" --dropout 0.3
-    STUDENT_ARCH=("${ARCH[@]}")
+    transformer_arch teacher_arch "${teacher_size[@]}" --dropout 0.3
+    transformer_arch student_arch "${student_size[@]}" --dropout 0.3
 
     prepare_multi30k
     teacher "${teacher_arch[@]}"
@@ -69,27 +67,28 @@ methods_study() {
     init_student spread --encoder-layers "${student_size[0]}" --decoder-layers "${student_size[1]}" \
         --strategy spread
 
-    local online=(--task translation_distill --teacher-path "$TEACHER")
-    local paired=(--task translation_distill --kd-data "$WORK/kd")
-    BASELINE=baseline
-    student baseline "gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
-    student word_kd "word-level KD, alpha 0.5, T 1" "$BIN" "${online[@]}" \
+    # every student: its architecture, then its task and criterion; the students named after a
+    # method are tested against the gold-only baseline
+    local gold=("${student_arch[@]}" --task translation "${LABEL_SMOOTHED[@]}")
+    local online=("${student_arch[@]}" --task translation_distill --teacher-path "$TEACHER_CHECKPOINT")
+    local paired=("${student_arch[@]}" --task translation_distill --kd-data "$WORK/kd")
+    student baseline "gold only" baseline "$BIN" -- "${gold[@]}"
+    student word_kd "word-level KD, alpha 0.5, T 1" baseline "$BIN" "$TEACHER_CHECKPOINT" -- "${online[@]}" \
         --criterion word_kd --alpha 0.5 --temperature 1
-    student seq_kd "seq-KD: teacher targets only" "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
-    student seq_kd_interp "seq_kd_interp, alpha 0.5" "$BIN" "${paired[@]}" \
+    student seq_kd "seq-KD: teacher targets only" baseline "$WORK/kd" -- "${gold[@]}"
+    student seq_kd_interp "seq_kd_interp, alpha 0.5" baseline "$BIN" "$WORK/kd" -- "${paired[@]}" \
         --criterion seq_kd_interp --alpha 0.5 --label-smoothing 0.1
-    student base_kd "gold + teacher pairs (base+kd)" "$BIN" "${paired[@]}" \
+    student base_kd "gold + teacher pairs (base+kd)" baseline "$BIN" "$WORK/kd" -- "${paired[@]}" \
         --kd-data-mode concat "${LABEL_SMOOTHED[@]}"
-    student hybrid_kd "hybrid_kd, T 1" "$BIN" "${paired[@]}" --teacher-path "$TEACHER" \
-        --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
-    student triple_loss "triple_loss, init from teacher layers" "$BIN" "${online[@]}" \
-        --criterion triple_loss --finetune-from-model "$WORK/spread.pt"
-    student layer_init "gold only, init from teacher layers" "$BIN" --task translation "${LABEL_SMOOTHED[@]}" \
+    student hybrid_kd "hybrid_kd, T 1" baseline "$BIN" "$WORK/kd" "$TEACHER_CHECKPOINT" -- "${paired[@]}" \
+        --teacher-path "$TEACHER_CHECKPOINT" --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
+    student triple_loss "triple_loss, init from teacher layers" baseline "$BIN" "$TEACHER_CHECKPOINT" "$WORK/spread.pt" -- \
+        "${online[@]}" --criterion triple_loss --finetune-from-model "$WORK/spread.pt"
+    student layer_init "gold only, init from teacher layers" baseline "$BIN" "$WORK/spread.pt" -- "${gold[@]}" \
         --finetune-from-model "$WORK/spread.pt"
-    student low_data "5% gold + teacher pairs, 1:2" "$BIN" "${paired[@]}" \
+    student low_data "5% gold + teacher pairs, 1:2" baseline "$BIN" "$WORK/kd" -- "${paired[@]}" \
         --kd-data-mode ratio --mix-ratios 1:2 --gold-fraction 0.05 "${LABEL_SMOOTHED[@]}"
-    finetune seq_kd_then_gold "seq-KD, then gold (QuillBot order)" seq_kd "$BIN" \
-        --task translation "${LABEL_SMOOTHED[@]}"
+    finetune seq_kd_then_gold "seq-KD, then gold (QuillBot order)" baseline seq_kd "$BIN" -- "${gold[@]}"
 
     run_recipe "Multi30k $1-$2: knowledge distillation methods, students of one size"
 }
@@ -102,7 +101,7 @@ compression_study() {
     fi
     recipe_begin "multi30k-$1-$2-compression" "$1" "$2"
     # name, layers: encoder decoder, widths: d_model ffn heads, dropout
-    local teacher_size sizes size
+    local teacher_size sizes size teacher_arch student_arch
     if [[ $SCALE == tiny ]]; then
         teacher_size=(2 2 32 64 2 0.1)
         sizes=("4x 1 1 16 32 2 0.1" "4x_deep_enc 2 1 16 32 2 0.1" "10x 1 1 8 16 2 0.1")
@@ -111,27 +110,28 @@ compression_study() {
         teacher_size=(3 3 256 1024 4 0.3)
         sizes=("4x 2 2 128 512 4 0.2" "4x_deep_enc 4 1 128 512 4 0.2" "10x 2 2 64 256 4 0.1")
     fi
-    transformer_arch "${teacher_size[@]:0:5}" --dropout "${teacher_size[5]}"
+    transformer_arch teacher_arch "${teacher_size[@]:0:5}" --dropout "${teacher_size[5]}"
     prepare_multi30k
-    teacher "${ARCH[@]}" --patience 5
+    teacher "${teacher_arch[@]}" --patience 5
     # the teacher's translations decoded by CTranslate2 in float32: fairseq's output (docs/distill-data.md)
     # at about 2.4 times its speed on a CPU
     distill kd top1 --engine ctranslate2 --ct2-quantization float32 --batch-size 64
-    local paired=(--task translation_distill --kd-data "$WORK/kd")
-    local name encoder decoder width ffn heads dropout
+    local name encoder decoder width ffn heads dropout gold paired baseline
     for size in "${sizes[@]}"; do
         read -r name encoder decoder width ffn heads dropout <<<"$size"
-        transformer_arch "$encoder" "$decoder" "$width" "$ffn" "$heads" --dropout "$dropout"
-        STUDENT_ARCH=("${ARCH[@]}")
-        BASELINE=$name.gold
-        student "$name.gold" "$name: gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
-        student "$name.seq_kd" "$name: seq-KD, teacher targets only" "$WORK/kd" --task translation "${LABEL_SMOOTHED[@]}"
-        finetune "$name.seq_kd_then_gold" "$name: seq-KD, then gold (QuillBot order)" "$name.seq_kd" "$BIN" \
-            --task translation "${LABEL_SMOOTHED[@]}"
-        student "$name.seq_kd_interp" "$name: seq_kd_interp, alpha 0.5" "$BIN" "${paired[@]}" \
+        transformer_arch student_arch "$encoder" "$decoder" "$width" "$ffn" "$heads" --dropout "$dropout"
+        # each size's students: its architecture, then task and criterion, tested against its gold-only student
+        gold=("${student_arch[@]}" --task translation "${LABEL_SMOOTHED[@]}")
+        paired=("${student_arch[@]}" --task translation_distill --kd-data "$WORK/kd")
+        baseline=$name.gold
+        student "$name.gold" "$name: gold only" "$baseline" "$BIN" -- "${gold[@]}"
+        student "$name.seq_kd" "$name: seq-KD, teacher targets only" "$baseline" "$WORK/kd" -- "${gold[@]}"
+        finetune "$name.seq_kd_then_gold" "$name: seq-KD, then gold (QuillBot order)" "$baseline" "$name.seq_kd" \
+            "$BIN" -- "${gold[@]}"
+        student "$name.seq_kd_interp" "$name: seq_kd_interp, alpha 0.5" "$baseline" "$BIN" "$WORK/kd" -- "${paired[@]}" \
             --criterion seq_kd_interp --alpha 0.5 --label-smoothing 0.1
-        student "$name.hybrid_kd" "$name: hybrid_kd, T 1" "$BIN" "${paired[@]}" --teacher-path "$TEACHER" \
-            --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
+        student "$name.hybrid_kd" "$name: hybrid_kd, T 1" "$baseline" "$BIN" "$WORK/kd" "$TEACHER_CHECKPOINT" -- \
+            "${paired[@]}" --teacher-path "$TEACHER_CHECKPOINT" --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
     done
     # one line per method (the part of each student's name after the size) across the sizes
     run_recipe "Multi30k $1-$2: students of three sizes, gold-only and distilled" --plot-by-method

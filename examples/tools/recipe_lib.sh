@@ -1,24 +1,30 @@
 # shellcheck shell=bash
 # recipe_lib.sh: the part every recipe under examples/ shares. Sourced by a recipe, not run.
 #
-# A recipe calls recipe_begin, sets its model sizes (transformer_arch), then calls the blocks
+# A recipe calls recipe_begin, names its model sizes (transformer_arch), then calls the blocks
 # below (prepare_data, teacher, distill, init_student, student, finetune) and finally run_recipe.
-# The blocks run nothing themselves: each appends steps to WORK/plan.tsv, a step being a name,
-# the output it makes and the command that makes it. run_recipe adds the speed measurement and the
-# report and hands the plan to run_plan.py, which runs every step whose output does not exist yet
-# (commands write OUTPUT.partial, renamed on success), so a recipe resumes where it stopped; delete
-# an output to redo its step (and the steps that used it). WORK/plan.tsv and `DRY_RUN=1` show
-# every command.
+# Every block takes what it uses as arguments, apart from the settings below and the paths of the
+# work directory that recipe_begin names (BIN, SPM, TEACHER_CHECKPOINT). The blocks run nothing
+# themselves: each appends steps to WORK/plan.tsv, a step being a name, the output it makes, the
+# outputs of earlier steps it needs, its threads and the command. run_recipe adds the speed
+# measurement and the report and hands the plan to run_plan.py, which runs every step whose output
+# does not exist yet (commands write OUTPUT.partial, renamed on success), so a recipe resumes where
+# it stopped; delete an output to redo its step (and the steps that used it). WORK/plan.tsv and
+# `DRY_RUN=1` show every command.
 #
 # Settings, from the environment (a recipe may set its own defaults before recipe_begin):
 #   SCALE      tiny (default): a slice of Multi30k and tiny models, a few minutes in all, to check
 #              the commands; full: the benchmark (hours to days, see docs/recipes.md)
 #   WORK       work directory (default work/recipes/NAME-SCALE)
-#   THREADS    CPU threads for torch per step (default: 1 at tiny scale, where tiny models gain
-#              nothing from more, else all cores / JOBS; on a machine shared with other jobs use
-#              fewer: OpenMP threads that wait for a busy core slow training down many times over)
+#   THREADS    threads of each step (torch, OpenMP, fairseq-preprocess --workers, CTranslate2;
+#              default: 1 at tiny scale, where tiny models gain nothing from more, else nproc /
+#              JOBS, nproc answering OMP_NUM_THREADS if set; on a machine shared with other jobs use
+#              fewer: OpenMP threads that wait for a busy core slow training down many times over).
+#              A recipe may give one block other threads: `THREADS=2 teacher ...`
 #   JOBS       steps run at once (default 1): independent steps (the students, their translations)
-#              side by side, each with THREADS threads; e.g. JOBS=2 THREADS=1 on 2 cores
+#              side by side; e.g. JOBS=2 THREADS=1 on 2 cores
+#   CORES      cores the steps share (default: all): a step starts only when its threads fit in
+#              the cores the running steps leave free
 #   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
 #   SPEED_BATCH, SPEED_THREADS  the speed step's larger batch (default 64) and threads (default 1)
 #   RESULTS    directory of the results table and plot (default: docs/results at full scale,
@@ -51,6 +57,9 @@ recipe_begin() {
     SEEDS=${SEEDS:-1}
     JOBS=${JOBS:-1}
     [[ $JOBS =~ ^[1-9][0-9]*$ ]] || die "JOBS must be a positive number of steps, not '$JOBS'"
+    # every core this process may use (nproc alone would answer OMP_NUM_THREADS)
+    CORES=${CORES:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
+    [[ $CORES =~ ^[1-9][0-9]*$ ]] || die "CORES must be a positive number of cores, not '$CORES'"
     PYTHON=${PYTHON:-python}
     if [[ $SCALE == tiny ]]; then
         # A slice of the data, models of a few thousand parameters, tens of updates: checks that
@@ -83,8 +92,10 @@ recipe_begin() {
     MODELS=$WORK/models.tsv
     : >"$PLAN"
     printf 'name\tgroup\tlabel\trole\tseed\tdir\tbaseline\n' >"$MODELS"
+    # what the steps make: the binarized data, the sentencepiece model, the teacher
     BIN=$WORK/bin
     SPM=$WORK/spm/spm.model
+    TEACHER_CHECKPOINT=$WORK/teacher/checkpoint_best.pt
     # TRAIN_FLAGS is split into words on purpose: it holds several flags.
     # shellcheck disable=SC2206
     TRAIN_COMMON=(
@@ -121,27 +132,44 @@ _imported_teacher() {
     "$PYTHON" "$TOOLS/import_teacher.py" check "${TEACHER_FILES[@]}" --work "$WORK" || exit 1
 }
 
-# transformer_arch ENCODER_LAYERS DECODER_LAYERS D_MODEL FFN HEADS [FLAGS...]: sets ARCH to the
-# fairseq-train flags of that transformer, FLAGS (e.g. --dropout 0.3) appended.
+# transformer_arch VAR ENCODER_LAYERS DECODER_LAYERS D_MODEL FFN HEADS [FLAGS...]: sets the array
+# VAR to the fairseq-train flags of that transformer, FLAGS (e.g. --dropout 0.3) appended.
 transformer_arch() {
-    # shellcheck disable=SC2034  # read by the recipes
-    ARCH=(--arch transformer --encoder-layers "$1" --decoder-layers "$2" --encoder-embed-dim "$3"
-        --decoder-embed-dim "$3" --encoder-ffn-embed-dim "$4" --decoder-ffn-embed-dim "$4"
-        --encoder-attention-heads "$5" --decoder-attention-heads "$5" "${@:6}")
+    local -n __arch=$1
+    # shellcheck disable=SC2034  # the caller's array
+    __arch=(--arch transformer --encoder-layers "$2" --decoder-layers "$3" --encoder-embed-dim "$4"
+        --decoder-embed-dim "$4" --encoder-ffn-embed-dim "$5" --decoder-ffn-embed-dim "$5"
+        --encoder-attention-heads "$6" --decoder-attention-heads "$6" "${@:7}")
 }
 
-# step NAME OUTPUT COMMAND...: add a step whose COMMAND writes OUTPUT.partial. It runs after the
-# earlier steps whose outputs COMMAND names (with JOBS > 1, independent steps run side by side).
-# step_stdout NAME OUTPUT COMMAND...: the same, COMMAND's standard output being OUTPUT.partial.
+# step NAME OUTPUT [NEEDS...] -- COMMAND...: add a step whose COMMAND writes OUTPUT.partial, with
+# THREADS threads. NEEDS are the outputs of earlier steps that COMMAND reads (or paths inside them):
+# the step runs after the steps that make them (with JOBS > 1, independent steps run side by side).
+# step_stdout NAME OUTPUT [NEEDS...] -- COMMAND...: the same, COMMAND's standard output being
+# OUTPUT.partial.
 # step_after_all NAME OUTPUT COMMAND...: a step that runs after every earlier step (it reads their
 # outputs through a file, e.g. the model list).
-step() { _add_step 0 auto "$@"; }
-step_stdout() { _add_step 1 auto "$@"; }
-step_after_all() { _add_step 0 all "$@"; }
+step() { _add_step 0 "$@"; }
+step_stdout() { _add_step 1 "$@"; }
+step_after_all() { _add_step 0 "$1" "$2" '*' -- "${@:3}"; }
 _add_step() {
-    local stdout=$1 after=$2 name=$3 output=$4
-    shift 4
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$after" "$(printf '%q ' "$@")" >>"$PLAN"
+    local stdout=$1 name=$2 output=$3 count
+    shift 3
+    count=$(_count_needs "$@")
+    local needs=("${@:1:count}")
+    shift $((count + 1))
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$THREADS" "${needs[*]@Q}" "$(printf '%q ' "$@")" >>"$PLAN"
+}
+
+# _count_needs WORDS...: how many WORDS come before the -- that ends a list of needs.
+_count_needs() {
+    local count=0
+    while (($# > 0)) && [[ $1 != -- ]]; do
+        count=$((count + 1))
+        shift
+    done
+    (($# > 0)) || die "a list of needs must end with --"
+    echo "$count"
 }
 
 # prepare_data TRAIN_PREFIX VALID_PREFIX NAME=TEST_PREFIX...: the corpus (at tiny scale its first
@@ -165,19 +193,19 @@ prepare_data() {
     local splits
     splits=$(IFS=,; echo "train,valid,${TEST_NAMES[*]},speed")
 
-    step data "$WORK/raw" "$TOOLS/text.py" prepare --src "$SRC" --tgt "$TGT" --out "$WORK/raw.partial" \
+    step data "$WORK/raw" -- "$TOOLS/text.py" prepare --src "$SRC" --tgt "$TGT" --out "$WORK/raw.partial" \
         --train "$train" --valid "$valid" "${tests[@]}" "${limits[@]}" --speed-lines "$SPEED_LINES"
     local dictionary=()
     if [[ -n $IMPORTED_TEACHER ]]; then
-        step spm "$WORK/spm" "$TOOLS/import_teacher.py" spm "${TEACHER_FILES[@]}" --out "$WORK/spm.partial"
+        step spm "$WORK/spm" -- "$TOOLS/import_teacher.py" spm "${TEACHER_FILES[@]}" --out "$WORK/spm.partial"
         dictionary=(--srcdict "$TEACHER_DICT")
     else
-        step spm "$WORK/spm" "$TOOLS/text.py" spm-train --vocab-size "$VOCAB" --input-sentences "$SPM_SENTENCES" \
+        step spm "$WORK/spm" "$WORK/raw" -- "$TOOLS/text.py" spm-train --vocab-size "$VOCAB" --input-sentences "$SPM_SENTENCES" \
             --model-prefix "$WORK/spm.partial/spm" "$WORK/raw/train.$SRC" "$WORK/raw/train.$TGT"
     fi
-    step encode "$WORK/tok" "$TOOLS/text.py" encode --model "$SPM" --src "$SRC" --tgt "$TGT" \
+    step encode "$WORK/tok" "$SPM" "$WORK/raw" -- "$TOOLS/text.py" encode --model "$SPM" --src "$SRC" --tgt "$TGT" \
         --raw-dir "$WORK/raw" --out-dir "$WORK/tok.partial" --splits "$splits"
-    step binarize "$BIN" fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
+    step binarize "$BIN" "$WORK/tok" -- fairseq-preprocess --source-lang "$SRC" --target-lang "$TGT" --joined-dictionary \
         "${dictionary[@]}" --workers "$THREADS" --trainpref "$WORK/tok/train" --validpref "$WORK/tok/valid" \
         --testpref "$(IFS=,; echo "${testprefs[*]}")" --destdir "$BIN.partial"
 }
@@ -222,26 +250,26 @@ translate() {
         test=${TEST_NAMES[$i]}
         subset="test"
         ((i > 0)) && subset=test$i
-        step_stdout "generate-$name-$test" "$dir/$test.generate" fairseq-generate "$BIN" --user-dir "$PLUGIN" \
+        step_stdout "generate-$name-$test" "$dir/$test.generate" "$BIN" "$dir/checkpoint_best.pt" -- \
+            fairseq-generate "$BIN" --user-dir "$PLUGIN" \
             --path "$dir/checkpoint_best.pt" --gen-subset "$subset" --beam "$BEAM" --batch-size "$LARGE_BATCH" \
             --required-batch-size-multiple 1 --num-workers 0 "${GEN_LIMITS[@]}"
-        step "hypotheses-$name-$test" "$dir/$test.hyp" "$TOOLS/text.py" hypotheses --model "$SPM" \
+        step "hypotheses-$name-$test" "$dir/$test.hyp" "$SPM" "$WORK/raw" "$dir/$test.generate" -- \
+            "$TOOLS/text.py" hypotheses --model "$SPM" \
             --reference "$WORK/raw/$test.$TGT" --generate "$dir/$test.generate" --out "$dir/$test.hyp.partial"
     done
 }
 
-# teacher FLAGS...: train the teacher on the gold data (FLAGS: its architecture and training flags,
-# e.g. "${ARCH[@]}"), or import the one named by TEACHER (FLAGS unused); translate with it.
-# Sets TEACHER, its checkpoint.
+# teacher FLAGS...: train the teacher on the gold data (FLAGS: its architecture and training flags),
+# or import the one named by TEACHER (FLAGS unused), into TEACHER_CHECKPOINT; translate with it.
 teacher() {
     if [[ -n $IMPORTED_TEACHER ]]; then
-        step import-teacher "$WORK/teacher" "$TOOLS/import_teacher.py" checkpoint "${TEACHER_FILES[@]}" \
+        step import-teacher "$WORK/teacher" -- "$TOOLS/import_teacher.py" checkpoint "${TEACHER_FILES[@]}" \
             --out "$WORK/teacher.partial"
     else
-        step train-teacher "$WORK/teacher" fairseq-train "$BIN" "${TRAIN_COMMON[@]}" --task translation \
+        step train-teacher "$WORK/teacher" "$BIN" -- fairseq-train "$BIN" "${TRAIN_COMMON[@]}" --task translation \
             "${LABEL_SMOOTHED[@]}" "$@" --seed 1 --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher.partial"
     fi
-    TEACHER=$WORK/teacher/checkpoint_best.pt
     add_model teacher teacher teacher teacher 1 "$WORK/teacher" -
     translate teacher "$WORK/teacher"
 }
@@ -250,7 +278,8 @@ teacher() {
 # (fairseq-kd-distill-data --select SELECT FLAGS, e.g. --engine ctranslate2), binarized in WORK/NAME
 # with the gold validation set.
 distill() {
-    step "distill-$1" "$WORK/$1" fairseq-kd-distill-data "$BIN" --teacher-path "$TEACHER" --split train \
+    step "distill-$1" "$WORK/$1" "$BIN" "$TEACHER_CHECKPOINT" -- \
+        fairseq-kd-distill-data "$BIN" --teacher-path "$TEACHER_CHECKPOINT" --split train \
         --destdir "$WORK/$1.partial" --beam "$BEAM" --select "$2" "${GEN_LIMITS[@]}" "${@:3}"
 }
 
@@ -259,37 +288,41 @@ distill() {
 init_student() {
     local name=$1
     shift
-    step "init-$name" "$WORK/$name.pt" fairseq-kd-init-student "$BIN" --teacher "$TEACHER" \
-        --output "$WORK/$name.pt.partial" "$@"
+    step "init-$name" "$WORK/$name.pt" "$BIN" "$TEACHER_CHECKPOINT" -- \
+        fairseq-kd-init-student "$BIN" --teacher "$TEACHER_CHECKPOINT" --output "$WORK/$name.pt.partial" "$@"
 }
 
-# student NAME LABEL DATA FLAGS...: for each seed, train a student with STUDENT_ARCH on DATA (BIN or a
-# distill output) for STUDENT_UPDATES, fairseq-train's FLAGS choosing task and criterion; translate.
-# The report tests it against the student group named by BASELINE.
+# student NAME LABEL BASELINE DATA [NEEDS...] -- FLAGS...: for each seed, train a student on DATA
+# (BIN or a distill output) for STUDENT_UPDATES, fairseq-train's FLAGS giving its architecture
+# (transformer_arch) and choosing task and criterion; translate. NEEDS are the other outputs of
+# earlier steps that FLAGS name (TEACHER_CHECKPOINT, WORK/kd, an init_student checkpoint). The
+# report tests the student against the student group named BASELINE.
 student() {
-    local name=$1 label=$2
-    shift 2
-    _students "$name" "$label" "$STUDENT_UPDATES" "$@"
+    _students "$STUDENT_UPDATES" "$@"
 }
 
-# finetune NAME LABEL FROM DATA FLAGS...: continue each seed's student FROM on DATA for FINETUNE_UPDATES
-# (a fresh optimizer and schedule, fairseq-train --finetune-from-model).
+# finetune NAME LABEL BASELINE FROM DATA [NEEDS...] -- FLAGS...: continue each seed's student FROM on
+# DATA for FINETUNE_UPDATES (a fresh optimizer and schedule, fairseq-train --finetune-from-model).
 finetune() {
-    local name=$1 label=$2 from=$3
-    shift 3
-    _students "$name" "$label" "$FINETUNE_UPDATES" "$@" \
+    local name=$1 label=$2 baseline=$3 from=$4 data=$5
+    shift 5
+    _students "$FINETUNE_UPDATES" "$name" "$label" "$baseline" "$data" "$WORK/students/$from-s@SEED@" "$@" \
         --finetune-from-model "$WORK/students/$from-s@SEED@/checkpoint_best.pt"
 }
 
-# _students NAME LABEL UPDATES DATA FLAGS...: FLAGS may say @SEED@, replaced by each seed.
+# _students UPDATES NAME LABEL BASELINE DATA [NEEDS...] -- FLAGS...: NEEDS and FLAGS may say @SEED@,
+# replaced by each seed.
 _students() {
-    local name=$1 label=$2 updates=$3 data=$4 seed dir
-    shift 4
+    local updates=$1 name=$2 label=$3 baseline=$4 data=$5 count seed dir
+    shift 5
+    count=$(_count_needs "$@")
+    local needs=("${@:1:count}")
+    shift $((count + 1))
     for seed in $SEEDS; do
         dir=$WORK/students/$name-s$seed
-        step "train-$name-s$seed" "$dir" fairseq-train "$data" "${TRAIN_COMMON[@]}" "${STUDENT_ARCH[@]}" \
-            "${@//@SEED@/$seed}" --seed "$seed" --max-update "$updates" --save-dir "$dir.partial"
-        add_model "$name-s$seed" "$name" "$label" student "$seed" "$dir" "${BASELINE:?set BASELINE first}"
+        step "train-$name-s$seed" "$dir" "$data" "${needs[@]//@SEED@/$seed}" -- fairseq-train "$data" \
+            "${TRAIN_COMMON[@]}" "${@//@SEED@/$seed}" --seed "$seed" --max-update "$updates" --save-dir "$dir.partial"
+        add_model "$name-s$seed" "$name" "$label" student "$seed" "$dir" "$baseline"
         translate "$name-s$seed" "$dir"
     done
 }
@@ -301,7 +334,7 @@ _students() {
 # RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
 run_recipe() {
     local title=$1
-    step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
+    THREADS=$SPEED_THREADS step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
         --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$SPEED_BATCH" "${GEN_LIMITS[@]}" \
         --threads "$SPEED_THREADS" --bleu-subset test --bleu-reference "$WORK/raw/${TEST_NAMES[0]}.$TGT" \
         --spm "$SPM" --out "$WORK/speed.json.partial"
@@ -311,5 +344,5 @@ run_recipe() {
     echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
     local dry_run=()
     [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)
-    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" "${dry_run[@]}"
+    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" --cores "$CORES" "${dry_run[@]}"
 }

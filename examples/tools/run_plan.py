@@ -1,22 +1,27 @@
 """Run a recipe's plan: its steps, each skipped when its output exists.
 
-    python run_plan.py WORK/plan.tsv [--jobs N] [--dry-run]
+    python run_plan.py WORK/plan.tsv [--jobs N] [--cores N] [--dry-run]
 
 recipe_lib.sh writes the plan, one step per line, tab-separated:
 
-    NAME  OUTPUT  STDOUT  AFTER  COMMAND (shell-quoted words)
+    NAME  MAKES  STDOUT  THREADS  NEEDS  COMMAND (shell-quoted words)
 
-AFTER says which earlier steps must be done first: "auto", those whose OUTPUT the command names
-(as a whole path or a path prefix, e.g. DIR for DIR/checkpoint_best.pt), or "all", every earlier
-step. With --jobs 1 the steps simply run in plan order; with --jobs N up to N steps whose earlier
-steps are done run at once, in plan order as they become ready. When a step fails, no new step
-starts, the running ones finish, and the run stops with the failure.
+MAKES is the step's output. NEEDS is what the step needs from earlier steps: shell-quoted paths,
+each the MAKES of an earlier step or a path inside it (DIR/checkpoint_best.pt for DIR), and the
+step waits for the steps that make them; "*" means every earlier step. A plan that needs a path no
+earlier step makes is refused. THREADS is the number of threads the step computes with: its child
+sets torch's threads and OMP_NUM_THREADS/MKL_NUM_THREADS to it before the command runs, and the
+running steps' threads never add up to more than --cores (default: every core of the machine;
+a step that wants more runs alone). Steps start in plan order as the steps they need finish, at
+most --jobs at once; a step that is ready but does not fit in the free cores waits, and the steps
+after it wait behind it, so that a wide step is not starved by narrow ones. When a step fails, no
+new step starts, the running ones finish, and the run stops with the failure.
 
-A step runs COMMAND unless OUTPUT exists. COMMAND writes OUTPUT.partial (a file or a directory),
-which is renamed to OUTPUT once the command succeeds, so an interrupted step leaves no OUTPUT and
+A step runs COMMAND unless MAKES exists. COMMAND writes MAKES.partial (a file or a directory),
+which is renamed to MAKES once the command succeeds, so an interrupted step leaves no output and
 runs again next time (fairseq-train and fairseq-kd-distill-data then resume from what they left
-in OUTPUT.partial). OUTPUT "-" means: run every time (the report). With STDOUT 1, the command's
-standard output is OUTPUT.partial itself (fairseq-generate's hypotheses); otherwise it goes to
+in MAKES.partial). MAKES "-" means: run every time (the report). With STDOUT 1, the command's
+standard output is MAKES.partial itself (fairseq-generate's hypotheses); otherwise it goes to
 WORK/logs/NAME.log, and standard error always does. Each step's wall time is appended to
 WORK/timings.tsv.
 
@@ -29,8 +34,8 @@ checkpoint_utils.save_checkpoint, metrics) never leaks from one step into the ne
 """
 
 import argparse
+import contextlib
 import os
-import re
 import runpy
 import shlex
 import signal
@@ -51,12 +56,16 @@ PRELOAD = (
 )
 
 
+EVERY_EARLIER_STEP = "*"
+
+
 @dataclass
 class Step:
     name: str
-    output: str  # "-": no output, run every time
+    output: str  # MAKES; "-": no output, run every time
     stdout_is_output: bool
-    after: str  # "auto" or "all"
+    threads: int
+    needs: List[str]  # paths, or [EVERY_EARLIER_STEP]
     argv: List[str]
 
     def done(self) -> bool:
@@ -68,10 +77,10 @@ def read_plan(path: str) -> List[Step]:
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
-            if len(fields) != 5 or fields[3] not in ("auto", "all"):
-                sys.exit(f"{path}:{number}: expected 5 tab-separated fields, AFTER auto or all: {line!r}")
-            name, output, stdout, after, command = fields
-            steps.append(Step(name, output, stdout == "1", after, shlex.split(command)))
+            if len(fields) != 6 or not fields[3].isdigit() or int(fields[3]) < 1:
+                sys.exit(f"{path}:{number}: expected 6 tab-separated fields, THREADS a positive number: {line!r}")
+            name, output, stdout, threads, needs, command = fields
+            steps.append(Step(name, output, stdout == "1", int(threads), shlex.split(needs), shlex.split(command)))
     names = [s.name for s in steps]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -79,19 +88,26 @@ def read_plan(path: str) -> List[Step]:
     return steps
 
 
+def makers(path: str, earlier: List[Step]) -> Set[str]:
+    """The earlier steps whose output is ``path`` or a directory holding it."""
+    return {s.name for s in earlier if s.output != "-" and (path == s.output or path.startswith(s.output + "/"))}
+
+
 def dependencies(steps: List[Step]) -> Dict[str, Set[str]]:
-    """For each step, the names of the earlier steps it must wait for (see AFTER above)."""
+    """For each step, the names of the earlier steps it must wait for (see NEEDS above); exits
+    naming the first need that no earlier step makes."""
     needs = {}
     for i, step in enumerate(steps):
         earlier = steps[:i]
-        if step.after == "all":
+        if step.needs == [EVERY_EARLIER_STEP]:
             needs[step.name] = {s.name for s in earlier}
             continue
-        command = "\n".join(step.argv)
-        needs[step.name] = {
-            s.name for s in earlier
-            if s.output != "-" and re.search(rf"(^|[\s=,:]){re.escape(s.output)}($|[\s/,:])", command, flags=re.M)
-        }
+        needs[step.name] = set()
+        for path in step.needs:
+            found = makers(path, earlier)
+            if not found:
+                sys.exit(f"step {step.name} needs {path}, which no earlier step makes")
+            needs[step.name] |= found
     return needs
 
 
@@ -101,12 +117,24 @@ def console_script(name: str):
     return next(iter(found)).load() if found else None
 
 
-def _child(argv: List[str], log_path: str, stdout_path: Optional[str]) -> int:
-    """In the forked child: standard error (and output, unless ``stdout_path``) to the log, run ``argv``."""
+def use_threads(threads: int) -> None:
+    """Compute with ``threads`` threads: torch's intra-op threads, and OpenMP's and MKL's in what the
+    command starts (fairseq never sets them; fairseq-kd-distill-data's CTranslate2 engine takes
+    torch's number)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def _child(argv: List[str], threads: int, log_path: str, stdout_path: Optional[str]) -> int:
+    """In the forked child: standard error (and output, unless ``stdout_path``) to the log,
+    ``threads`` threads, run ``argv``."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     out = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if stdout_path else log
     os.dup2(out, 1)
     os.dup2(log, 2)
+    use_threads(threads)
     sys.argv = list(argv)
     if argv[0].endswith(".py"):
         runpy.run_path(argv[0], run_name="__main__")
@@ -118,16 +146,17 @@ def _child(argv: List[str], log_path: str, stdout_path: Optional[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
-def start_cli(argv: List[str], log_path: str, stdout_path: Optional[str] = None) -> int:
-    """Run ``argv`` in a forked child, standard error appended to ``log_path``, standard output to
-    ``stdout_path`` (truncated) or else to the log; return the child's pid."""
+def start_cli(argv: List[str], threads: int, log_path: str, stdout_path: Optional[str] = None) -> int:
+    """Run ``argv`` in a forked child with ``threads`` threads, standard error appended to
+    ``log_path``, standard output to ``stdout_path`` (truncated) or else to the log; return the
+    child's pid."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
-            status = _child(argv, log_path, stdout_path)
+            status = _child(argv, threads, log_path, stdout_path)
         except SystemExit as stop:  # sys.exit(): None, a status, or a message (status 1)
             if isinstance(stop.code, str):
                 print(stop.code, file=sys.stderr)
@@ -142,12 +171,19 @@ def start_cli(argv: List[str], log_path: str, stdout_path: Optional[str] = None)
 
 
 class Runner:
-    """Starts steps in forked children, at most ``jobs`` at once, and finishes them."""
+    """Starts steps in forked children, at most ``jobs`` at once and their threads within
+    ``cores``, and finishes them."""
 
-    def __init__(self, work: str, jobs: int):
-        self.work, self.jobs = work, jobs
+    def __init__(self, work: str, jobs: int, cores: int):
+        self.work, self.jobs, self.cores = work, jobs, cores
         self.running: Dict[int, tuple] = {}  # pid -> (step, start time)
         self.failure: Optional[str] = None
+
+    def fits(self, step: Step) -> bool:
+        """Whether ``step`` may start now: a job is free and its threads fit in the free cores (or
+        nothing runs, for a step wider than the machine)."""
+        busy = sum(running.threads for running, _ in self.running.values())
+        return len(self.running) < self.jobs and (busy + step.threads <= self.cores or not self.running)
 
     def start(self, step: Step) -> None:
         log = os.path.join(self.work, "logs", f"{step.name}.log")
@@ -157,7 +193,7 @@ class Runner:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {shlex.join(step.argv)}\n")
         print(f"[{step.name}] running (log: {log})", flush=True)
-        pid = start_cli(step.argv, log, partial if step.stdout_is_output else None)
+        pid = start_cli(step.argv, step.threads, log, partial if step.stdout_is_output else None)
         self.running[pid] = (step, time.time())
 
     def wait_one(self) -> Step:
@@ -187,10 +223,8 @@ class Runner:
         """Terminate the running steps and reap them. SIGTERM, not SIGINT: a recipe started in the
         background by a non-interactive shell ignores SIGINT, and so do the steps it forks."""
         for pid in self.running:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for pid in list(self.running):
             os.waitpid(pid, 0)
         self.running.clear()
@@ -200,9 +234,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(steps: List[Step], work: str, jobs: int) -> None:
-    """Run every step that is not done, each once the steps it needs are done, ``jobs`` at a time."""
-    needs = dependencies(steps)
+def run(steps: List[Step], needs: Dict[str, Set[str]], work: str, jobs: int, cores: int) -> None:
+    """Run every step that is not done, each once the steps it ``needs`` are done, ``jobs`` at a
+    time within ``cores`` threads."""
     finished = set()
     pending = []
     for step in steps:
@@ -211,12 +245,14 @@ def run(steps: List[Step], work: str, jobs: int) -> None:
             finished.add(step.name)
         else:
             pending.append(step)
-    runner = Runner(work, jobs)
+    runner = Runner(work, jobs, cores)
     signal.signal(signal.SIGTERM, _interrupt)  # a job scheduler's time limit: stop the steps too
     try:
         while pending or runner.running:
             ready = [s for s in pending if needs[s.name] <= finished] if runner.failure is None else []
-            for step in ready[: jobs - len(runner.running)]:
+            for step in ready:
+                if not runner.fits(step):
+                    break  # the steps after it wait behind it
                 pending.remove(step)
                 runner.start(step)
             if not runner.running:
@@ -231,32 +267,43 @@ def run(steps: List[Step], work: str, jobs: int) -> None:
         sys.exit(runner.failure)
 
 
+def every_core() -> int:
+    """The cores this process may run on (all of the machine's, unless its affinity is narrowed)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("plan", help="plan.tsv written by recipe_lib.sh")
     parser.add_argument("--jobs", type=int, default=1, help="steps run at once (default 1)")
+    parser.add_argument("--cores", type=int, default=every_core(),
+                        help="bound on the running steps' threads together (default: every core, %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.cores < 1:
+        parser.error(f"--cores must be at least 1, got {args.cores}")
 
     steps = read_plan(args.plan)
+    needs = dependencies(steps)
     work = os.path.dirname(os.path.abspath(args.plan))
     if args.dry_run:
-        needs = dependencies(steps)
         for step in steps:
             state = "done" if step.done() else "to run"
             redirect = f" > {step.output}.partial" if step.stdout_is_output else ""
             python = "python " if step.argv[0].endswith(".py") else ""
-            after = "every earlier step" if step.after == "all" else (
+            after = "every earlier step" if step.needs == [EVERY_EARLIER_STEP] else (
                 ", ".join(s.name for s in steps if s.name in needs[step.name]) or "nothing"
             )
-            print(f"# {step.name} ({state}; after {after})\n{python}{shlex.join(step.argv)}{redirect}")
+            threads = f"{step.threads} thread{'s' if step.threads > 1 else ''}"
+            print(f"# {step.name} ({state}; {threads}; after {after})\n"
+                  f"{python}{shlex.join(step.argv)}{redirect}")
         return
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     for module in PRELOAD:
         __import__(module)
-    run(steps, work, args.jobs)
+    run(steps, needs, work, args.jobs, args.cores)
     print(f"all {len(steps)} steps done; timings in {os.path.join(work, 'timings.tsv')}")
 
 

@@ -36,24 +36,25 @@ fi
 
 # pre-norm: deep stacks train stably only with the layer norm before each block
 prenorm=(--encoder-normalize-before --decoder-normalize-before --dropout 0.1)
-transformer_arch "${teacher_layers[@]}" "${wide[@]}" "${prenorm[@]}"
-teacher "${ARCH[@]}"
+transformer_arch teacher_arch "${teacher_layers[@]}" "${wide[@]}" "${prenorm[@]}"
+teacher "${teacher_arch[@]}"
 distill kd top1
 
+# each size's students are tested against its gold-only student
 for size in slim1x1 slim3x3 wide1x1 wide3x3; do
     layers=${size: -1}
     if [[ $size == slim* ]]; then widths=("${slim[@]}"); else widths=("${wide[@]}"); fi
-    transformer_arch "$layers" "$layers" "${widths[@]}" "${prenorm[@]}"
-    STUDENT_ARCH=("${ARCH[@]}")
-    BASELINE=${size}_gold
-    student "${size}_gold" "$size, gold only" "$BIN" --task translation "${LABEL_SMOOTHED[@]}"
-    student "${size}_hybrid" "$size, hybrid_kd T 1" "$BIN" --task translation_distill --kd-data "$WORK/kd" \
-        --teacher-path "$TEACHER" --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
+    transformer_arch student_arch "$layers" "$layers" "${widths[@]}" "${prenorm[@]}"
+    student "${size}_gold" "$size, gold only" "${size}_gold" "$BIN" -- "${student_arch[@]}" --task translation \
+        "${LABEL_SMOOTHED[@]}"
+    student "${size}_hybrid" "$size, hybrid_kd T 1" "${size}_gold" "$BIN" "$WORK/kd" "$TEACHER_CHECKPOINT" -- \
+        "${student_arch[@]}" --task translation_distill --kd-data "$WORK/kd" --teacher-path "$TEACHER_CHECKPOINT" \
+        --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
     if [[ $size == slim3x3 ]]; then
         for temperature in 0.5 1 2 5 10; do
-            student "${size}_word_T$temperature" "$size, word_kd T $temperature" "$BIN" \
-                --task translation_distill --teacher-path "$TEACHER" --criterion word_kd --alpha 0.5 \
-                --temperature "$temperature"
+            student "${size}_word_T$temperature" "$size, word_kd T $temperature" "${size}_gold" "$BIN" \
+                "$TEACHER_CHECKPOINT" -- "${student_arch[@]}" --task translation_distill \
+                --teacher-path "$TEACHER_CHECKPOINT" --criterion word_kd --alpha 0.5 --temperature "$temperature"
         done
     fi
 done

@@ -93,7 +93,8 @@ def test_table_and_plot_have_every_student(recipes, name):
         assert set(group["speed"]) == {"1", "64"}, group_name
         assert set(group["ct2_speed"]) == {"1", "64"}, group_name  # the same model as CTranslate2 int8
         assert all(speed > 0 for speed in group["ct2_speed"].values())
-        assert 0 <= group["ct2_bleu"] <= 100
+        assert set(group["ct2_bleu"]) == set(TESTS) and all(0 <= b <= 100 for b in group["ct2_bleu"].values())
+        assert all(f"{group['ct2_bleu'][test]:.2f}" in table for test in TESTS)
         assert len(group["runs"]) == (1 if group_name == "teacher" else seeds)
         for test in TESTS:
             bleu = group["bleu"][test]

@@ -329,15 +329,20 @@ _students() {
 
 # run_recipe TITLE [REPORT_FLAGS...]: add the speed measurement (teacher and each method's first seed, batch 1 and
 # SPEED_BATCH, SPEED_THREADS threads, in fairseq and exported to CTranslate2 int8 with that model's
-# BLEU, one step so that all are measured in the same run) and the report (BLEU with signatures,
+# BLEU on every test set, one step so that all are measured in the same run) and the report (BLEU with signatures,
 # paired bootstrap against each student's baseline, share of the teacher's lead closed, parameters, speed:
 # RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
 run_recipe() {
     local title=$1
+    local bleu_tests=() i subset
+    for i in "${!TEST_NAMES[@]}"; do
+        subset=test
+        ((i > 0)) && subset=test$i
+        bleu_tests+=(--bleu-test "${TEST_NAMES[$i]}" "$subset" "$WORK/raw/${TEST_NAMES[$i]}.$TGT")
+    done
     THREADS=$SPEED_THREADS step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
         --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$SPEED_BATCH" "${GEN_LIMITS[@]}" \
-        --threads "$SPEED_THREADS" --bleu-subset test --bleu-reference "$WORK/raw/${TEST_NAMES[0]}.$TGT" \
-        --spm "$SPM" --out "$WORK/speed.json.partial"
+        --threads "$SPEED_THREADS" "${bleu_tests[@]}" --spm "$SPM" --out "$WORK/speed.json.partial"
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
         --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"

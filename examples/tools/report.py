@@ -112,7 +112,7 @@ def summarise(groups, tests, speed):
         group["speed"] = speed["sentences_per_second"].get(group["runs"][0]["name"], {})
         ct2 = speed.get("ct2", {})
         group["ct2_speed"] = ct2.get("sentences_per_second", {}).get(group["runs"][0]["name"], {})
-        group["ct2_bleu"] = ct2.get("bleu", {}).get(group["runs"][0]["name"])
+        group["ct2_bleu"] = ct2.get("bleu", {}).get(group["runs"][0]["name"], {})
     for name, group in groups.items():
         group["compression"] = round(teacher["parameters"] / group["parameters"], 2)
         if group["baseline"] not in (None, name):
@@ -169,8 +169,8 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
         header += [f"BLEU {test}", "p", "gap closed"]
     header += [f"sent/s, batch {b}" for b in batch_sizes]
     if ct2:
-        header += [f"{ct2['quantization']} BLEU {tests[0]}"] + [f"{ct2['quantization']} sent/s, batch {b}"
-                                                                 for b in batch_sizes]
+        header += [f"{ct2['quantization']} BLEU {test}" for test in tests]
+        header += [f"{ct2['quantization']} sent/s, batch {b}" for b in batch_sizes]
         header += [f"{ct2['quantization']} speed-up, batch {batch_sizes[0]}"]
     rows = []
     for name, group in groups.items():
@@ -179,7 +179,7 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
             row += [bleu_cell(group["bleu"][test]), p_cell(name, group, groups, test), gap_cell(group, test)]
         row += [speed_cell(group["speed"], b) for b in batch_sizes]
         if ct2:
-            row += [f"{group['ct2_bleu']:.2f}" if group["ct2_bleu"] is not None else "n/a"]
+            row += [f"{group['ct2_bleu'][test]:.2f}" if test in group["ct2_bleu"] else "n/a" for test in tests]
             row += [speed_cell(group["ct2_speed"], b) for b in batch_sizes]
             row += [speed_up_cell(group["ct2_speed"], teacher["speed"], batch_sizes[0])]
         rows.append(row)
@@ -212,7 +212,7 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
         q = ct2["quantization"]
         lines += [
             f"- {q}: the model exported to CTranslate2 {ct2['version']} in {q} (fairseq-kd-export-ct2), beam "
-            f"{speed['beam']}, the same batches and threads as fairseq; its BLEU on all of {tests[0]} "
+            f"{speed['beam']}, the same batches and threads as fairseq; its BLEU on every test set "
             f"(`{ct2['signature']}`); speed-up: its sentences/s at batch {batch_sizes[0]} divided by the "
             f"teacher's in fairseq.",
         ]

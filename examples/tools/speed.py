@@ -3,20 +3,21 @@ fairseq and as the CTranslate2 model a user deploys.
 
     python speed.py --models models.tsv --data BIN --subset test2 --reference REF --beam 5 \
         --batch-sizes 1,64 [--max-len-a 0 --max-len-b 200] --threads 1 \
-        --bleu-subset test --bleu-reference RAW/test_2016_flickr.de --spm spm.model --out speed.json
+        --bleu-test test_2016_flickr test RAW/test_2016_flickr.de [--bleu-test ...] --spm spm.model \
+        --out speed.json
 
 For the teacher and the first seed of each student method (models.tsv), each checkpoint is loaded
 once and translates the speed split at every batch size with fairseq's SequenceGenerator (the
 beam search fairseq-generate runs), batches of the given number of sentences, nothing dropped.
 Each model is then exported to CTranslate2 (``fairseq-kd-export-ct2``'s conversion, in
 ``--ct2-quantization``, int8 by default) and translates the same batches with the same beam and
-length limit, and the whole ``--bleu-subset`` once more for its BLEU (the quality of the deployed
+length limit, and every ``--bleu-test`` split once more for its BLEU (the quality of the deployed
 model, next to the fairseq model's BLEU in the report). In both engines one batch is translated
 first, untimed, to warm up; the time is then that of the translation calls alone (as
 fairseq-generate's own "sentences/s"), not loading or batching. Every sentence of the split must
 come back. Writes a JSON file: {"device", "threads", "sentences", "beam", "batch_sizes",
 "sentences_per_second": {model: {batch size: speed}}, "ct2": {"quantization", "version",
-"sentences_per_second": {model: {batch size: speed}}, "bleu": {model: BLEU}, "bleu_subset",
+"sentences_per_second": {model: {batch size: speed}}, "bleu": {model: {test set: BLEU}},
 "signature"}}.
 """
 
@@ -115,7 +116,8 @@ def ct2_translate(translator, sources, batch_size, settings):
 
 def measure_ct2(task, name, directory, args, batch_sizes, workdir):
     """Export ``directory``'s checkpoint to CTranslate2 in ``workdir``; its sentences/s on the speed
-    split at each batch size and its detokenized translations of the BLEU subset, in input order."""
+    split at each batch size and its detokenized translations of each BLEU test set, in input order
+    ({test set: lines})."""
     model_dir = os.path.join(workdir, name)
     export_ct2(f"{directory}/checkpoint_best.pt", args.data, model_dir, args.ct2_quantization)
     translator = load_translator(model_dir, threads=args.threads)
@@ -129,11 +131,14 @@ def measure_ct2(task, name, directory, args, batch_sizes, workdir):
         speeds[str(batch_size)] = len(outputs) / seconds
         print(f"{name}, CTranslate2 {args.ct2_quantization}, batch {batch_size}: {speeds[str(batch_size)]:.1f} "
               "sentences/s", flush=True)
-    order, bleu_sources = source_tokens(task, args.bleu_subset)
-    outputs, _ = ct2_translate(translator, bleu_sources, max(batch_sizes), settings)
-    by_id = dict(zip(order.tolist(), outputs))
     pieces = sentencepiece.SentencePieceProcessor(model_file=args.spm)
-    return speeds, pieces.decode([by_id[i] for i in range(len(order))])
+    translations = {}
+    for test, subset, _ in args.bleu_test:
+        order, bleu_sources = source_tokens(task, subset)
+        outputs, _ = ct2_translate(translator, bleu_sources, max(batch_sizes), settings)
+        by_id = dict(zip(order.tolist(), outputs))
+        translations[test] = pieces.decode([by_id[i] for i in range(len(order))])
+    return speeds, translations
 
 
 @torch.no_grad()
@@ -150,8 +155,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of both engines")
     parser.add_argument("--ct2-quantization", default="int8", choices=["int8", "int16", "float32"],
                         help="the CTranslate2 models' weights")
-    parser.add_argument("--bleu-subset", required=True, help="binarized split the CTranslate2 models translate for BLEU")
-    parser.add_argument("--bleu-reference", required=True, help="that split's raw target side")
+    parser.add_argument("--bleu-test", nargs=3, action="append", required=True, metavar=("NAME", "SUBSET", "REFERENCE"),
+                        help="a test set the CTranslate2 models translate for BLEU: its name, binarized split and raw "
+                             "target side (repeat for each test set)")
     parser.add_argument("--spm", required=True, help="sentencepiece model that detokenizes the translations")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -161,7 +167,10 @@ def main():
     task = TranslationTask.setup_task(TranslationConfig(
         data=args.data, dataset_impl=None, train_subset="train", required_seq_len_multiple=1))
     task.load_dataset(args.subset)
-    task.load_dataset(args.bleu_subset)
+    references = {}
+    for test, subset, reference in args.bleu_test:
+        task.load_dataset(subset)
+        references[test] = open(reference, encoding="utf-8").read().splitlines()
     with open(args.reference, "rb") as f:
         sentences = sum(1 for _ in f)
     if len(task.dataset(args.subset)) != sentences:
@@ -169,7 +178,6 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen_cfg = GenerationConfig(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    references = open(args.bleu_reference, encoding="utf-8").read().splitlines()
     speeds, ct2_speeds, ct2_bleu, metric = {}, {}, {}, BLEU()
     with tempfile.TemporaryDirectory(prefix="ct2-", dir=os.path.dirname(os.path.abspath(args.out))) as workdir:
         for name, directory in measured_models(args.models):
@@ -181,11 +189,13 @@ def main():
                 speeds[name][str(batch_size)] = sentences_per_second(task, args.subset, models, gen_cfg, batch_size,
                                                                      device)
                 print(f"{name}, batch {batch_size}: {speeds[name][str(batch_size)]:.1f} sentences/s", flush=True)
-            ct2_speeds[name], hypotheses = measure_ct2(task, name, directory, args, batch_sizes, workdir)
-            if len(hypotheses) != len(references):
-                sys.exit(f"{len(hypotheses)} CTranslate2 translations for the {len(references)} lines of "
-                         f"{args.bleu_reference}")
-            ct2_bleu[name] = metric.corpus_score(hypotheses, [references]).score
+            ct2_speeds[name], translations = measure_ct2(task, name, directory, args, batch_sizes, workdir)
+            ct2_bleu[name] = {}
+            for test, hypotheses in translations.items():
+                if len(hypotheses) != len(references[test]):
+                    sys.exit(f"{len(hypotheses)} CTranslate2 translations for the {len(references[test])} lines of "
+                             f"{test}'s reference")
+                ct2_bleu[name][test] = metric.corpus_score(hypotheses, [references[test]]).score
     result = {
         "device": device_name(device),
         "threads": torch.get_num_threads(),
@@ -198,7 +208,6 @@ def main():
             "version": ctranslate2.__version__,
             "sentences_per_second": ct2_speeds,
             "bleu": ct2_bleu,
-            "bleu_subset": args.bleu_subset,
             "signature": str(metric.get_signature()),
         },
     }

@@ -88,6 +88,10 @@ def test_table_and_plot_have_every_student(recipes, name):
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in table  # sacreBLEU's signature
     assert "bs:1000" in table  # the paired bootstrap's
     seeds = len(SEEDS.get(name, "1").split())
+    # the settings that rerun it, quoted as a shell would need them
+    settings = [line for line in table.splitlines() if line.startswith("Settings")]
+    assert len(settings) == 1 and "SCALE=tiny" in settings[0]
+    assert ("SEEDS='1 2'" if seeds > 1 else "SEEDS=1") in settings[0]
     for group_name, group in results["models"].items():
         assert group["parameters"] > 0
         assert set(group["speed"]) == {"1", "64"}, group_name

@@ -327,6 +327,21 @@ _students() {
     done
 }
 
+# recipe_settings: the settings that decide the recipe's numbers, as NAME=VALUE words that rerun it
+# when set in the environment (the report quotes them)
+recipe_settings() {
+    local name value words=()
+    for name in SCALE STUDY TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB MAX_TOKENS LR WARMUP \
+        TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES; do
+        value=${!name:-}
+        # an imported teacher was not trained here
+        [[ -z $value || ($name == TEACHER_UPDATES && -n $IMPORTED_TEACHER) ]] && continue
+        [[ $value =~ ^[A-Za-z0-9._/:=+-]+$ ]] || value=${value@Q}
+        words+=("$name=$value")
+    done
+    echo "${words[*]}"
+}
+
 # run_recipe TITLE [REPORT_FLAGS...]: add the speed measurement (teacher and each method's first seed, batch 1 and
 # SPEED_BATCH, SPEED_THREADS threads, in fairseq and exported to CTranslate2 int8 with that model's
 # BLEU on every test set, one step so that all are measured in the same run) and the report (BLEU with signatures,
@@ -345,7 +360,7 @@ run_recipe() {
         --threads "$SPEED_THREADS" "${bleu_tests[@]}" --spm "$SPM" --out "$WORK/speed.json.partial"
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
-        --scale "$SCALE" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"
+        --scale "$SCALE" --settings "$(recipe_settings)" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"
     echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
     local dry_run=()
     [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)

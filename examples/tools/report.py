@@ -188,6 +188,10 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
         "",
         f"Written by the recipe ({args.scale} scale) on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
         "",
+    ]
+    if args.settings:
+        lines += [f"Settings (set them in the environment of the recipe to rerun it): `{args.settings}`", ""]
+    lines += [
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
     ]
@@ -322,6 +326,8 @@ def main():
     parser.add_argument("--tgt", required=True, help="target language")
     parser.add_argument("--speed", required=True, help="speed.json written by speed.py")
     parser.add_argument("--scale", required=True)
+    parser.add_argument("--settings", default="",
+                        help="the NAME=VALUE settings the recipe ran with, quoted so that a reader can rerun it")
     parser.add_argument("--out", required=True, help="OUT.md and OUT.png are written")
     parser.add_argument("--json", required=True, help="every number, for scripts and tests")
     parser.add_argument("--plot-by-method", action="store_true",

@@ -38,6 +38,7 @@ import torch
 import fairseq_kd  # noqa: F401  (the weights_only allow-list for fairseq checkpoints)
 from fairseq_kd.cli.errors import UserError
 from fairseq_kd.fileio import file_sha256, temporary_path
+from fairseq_kd.safe_load import CheckpointError, check_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,15 @@ def require_ctranslate2():
 
 
 def load_checkpoint(path: str) -> dict:
-    """The checkpoint's state, loaded with torch's ``weights_only`` unpickler (safe)."""
+    """The checkpoint's state, loaded with torch's ``weights_only`` unpickler (safe) after the plugin's
+    checks of a complete checkpoint of bounded config size (:func:`fairseq_kd.safe_load.check_checkpoint`)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}; pass a fairseq checkpoint (e.g. student/checkpoint_best.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign pickle, a truncated file
-        raise UserError(f"cannot load {path} as a fairseq checkpoint with safe (weights_only) loading: {e}") from e
+        check_checkpoint(path)
+    except CheckpointError as e:  # a foreign pickle, a truncated file, a config too large
+        raise UserError(str(e)) from None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def model_args(state: dict, path: str) -> argparse.Namespace:

@@ -174,6 +174,33 @@ def test_output_dir_rules(float32_export, tiny_data, tiny_teacher, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "foreign"]
 
 
+class RunsCode:
+    """Unpickles into a call of ``func(*args)``: what a malicious checkpoint would smuggle in."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def test_refuses_unsafe_and_truncated_checkpoints(tiny_data, tiny_teacher, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    # dressed as a fairseq checkpoint: the payload hides in the model config
+    torch.save({"model": {}, "cfg": {"model": argparse.Namespace(arch=RunsCode(os.system, f"touch '{marker}'"))}},
+               evil)
+    err = export_fails(capsys, evil, tiny_data / "bin", "--output-dir", tmp_path / "evil-ct2")
+    assert "refused by torch's safe loader (weights_only)" in err and "nothing in the file was run" in err
+    assert not marker.exists() and not (tmp_path / "evil-ct2").exists()
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(tiny_teacher.read_bytes()[:5000])
+    err = export_fails(capsys, truncated, tiny_data / "bin", "--output-dir", tmp_path / "truncated-ct2")
+    assert "is not a complete checkpoint, truncated or not written by torch.save" in err
+    assert not (tmp_path / "truncated-ct2").exists()
+
+
 def test_missing_ctranslate2_says_how_to_install(monkeypatch, capsys, tiny_data, tiny_teacher, tmp_path):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # makes `import ctranslate2` raise ImportError
     with pytest.raises(UserError, match=r"pip install -e \.\[ct2\]"):

@@ -49,6 +49,17 @@ def run(cmd, cwd=None, env=None, timeout=600):
     return proc.stdout
 
 
+class RunsCode:
+    """Unpickles into a call of ``func(*args)``: what a malicious checkpoint would smuggle in."""
+
+    def __init__(self, func, *args):
+        self.func = func
+        self.args = args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
 def synthetic_pairs(n: int, seed: int):
     """Source: random words a0..a19; target: the source reversed, each aK written bK."""
     rng = random.Random(seed)

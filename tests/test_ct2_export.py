@@ -13,7 +13,7 @@ import pytest
 import sacrebleu
 import torch
 
-from conftest import USER_DIR, cli, run
+from conftest import USER_DIR, RunsCode, cli, run
 from fairseq_kd.cli import export_ct2
 from fairseq_kd.ct2_export import UserError, require_ctranslate2
 from fairseq_kd.ct2_translate import DecodingSettings, load_translator, translate_pieces
@@ -172,16 +172,6 @@ def test_output_dir_rules(float32_export, tiny_data, tiny_teacher, tmp_path, cap
     assert json.loads((again / "export.json").read_text())["quantization"] == "float32"
     assert (again / "model.bin").read_bytes() == (float32_export / "model.bin").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "foreign"]
-
-
-class RunsCode:
-    """Unpickles into a call of ``func(*args)``: what a malicious checkpoint would smuggle in."""
-
-    def __init__(self, func, *args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return self.func, self.args
 
 
 def test_refuses_unsafe_and_truncated_checkpoints(tiny_data, tiny_teacher, tmp_path, capsys):

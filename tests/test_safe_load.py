@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import COMMON_TRAIN, TINY_ARCH, USER_DIR, cli, run
+from conftest import COMMON_TRAIN, TINY_ARCH, USER_DIR, RunsCode, cli, run
 
 # Either one makes torch >= 2.6 ignore or force ``weights_only``; these tests run without them.
 WEIGHTS_ONLY_ENV = ("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_WEIGHTS_ONLY_LOAD")
@@ -50,17 +50,6 @@ def run_python(script: str, *args) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-6000:]
     return proc.stdout
-
-
-class RunsCode:
-    """Unpickles into a call of ``func(*args)``: what a malicious checkpoint would smuggle in."""
-
-    def __init__(self, func, *args):
-        self.func = func
-        self.args = args
-
-    def __reduce__(self):
-        return self.func, self.args
 
 
 @pytest.mark.parametrize(

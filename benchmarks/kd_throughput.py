@@ -129,6 +129,12 @@ def build(args, workdir, config):
             batch, tokens = [], 0
         batch.append(int(i))
         tokens = max(tokens, n)
+    if batch:
+        batches.append(dataset.collater([dataset[j] for j in batch]))
+    if len(batches) <= args.warmup:
+        raise SystemExit(f"kd_throughput.py: --sentences {args.sentences} make {len(batches)} batches of at most "
+                         f"--max-tokens {args.max_tokens}, none left to time after --warmup {args.warmup}: "
+                         "give more sentences, fewer --max-tokens or fewer --warmup")
     return cfg, task, student, crit, batches[: args.warmup + args.batches]
 
 
@@ -221,6 +227,15 @@ def run_config(args):
     }))
 
 
+def child(cmd) -> str:
+    """Run one configuration's process and return its stdout; its failure ends this one with the
+    child's own message (on stderr) and exit status."""
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(proc.returncode)
+    return proc.stdout
+
+
 def main():
     args = parse_args()
     if args.config == "save_topk":
@@ -231,11 +246,10 @@ def main():
         return
     with tempfile.TemporaryDirectory() as workdir:
         prepare(args, workdir)
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--config", "save_topk", "--workdir", workdir], check=True)
+        child([sys.executable, __file__, *sys.argv[1:], "--config", "save_topk", "--workdir", workdir])
         results = {}
         for config in CONFIGS:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--config", config, "--workdir", workdir]
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            out = child([sys.executable, __file__, *sys.argv[1:], "--config", config, "--workdir", workdir])
             results[config] = json.loads(out.strip().splitlines()[-1])
             print(f"{config:12s} {results[config]['step_s'] * 1000:8.1f} ms/step  {peak_memory_key(args)} "
                   f"{results[config][peak_memory_key(args)]:.0f}", flush=True)

@@ -18,13 +18,22 @@ default ``min_len`` 1 this is one constant term per sentence (all beams share th
 the hypotheses are the same and their scores higher by ``-log(1 - p(EOS at step 1)) / length **
 lenpen``; with ``min_len`` > 1 beam search ranks differently (greedy decoding does not), so
 :func:`check_settings` refuses it. A hypothesis that reaches the length limit without EOS gets no
-forced EOS score (fairseq adds one), which can reorder beams that all hit the limit.
+forced EOS score (fairseq adds one), which can reorder beams that all hit the limit. The two beam
+searches stop by different rules, so below the best hypothesis an n-best list can differ: CTranslate2
+then holds a better-scoring hypothesis that fairseq stopped before finishing.
 """
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+
+def source_units(dictionary, ids: torch.Tensor) -> List[str]:
+    """A binarized source sentence as its dictionary's symbols, without the end-of-sentence marker
+    the exported model appends itself (see above)."""
+    ids = ids.tolist()
+    return [dictionary[t] for t in (ids[:-1] if ids and ids[-1] == dictionary.eos() else ids)]
 
 
 @dataclass(frozen=True)

@@ -71,15 +71,24 @@ def test_beam4_nbest2_closest_matches_fairseq_engine(tiny_data, tiny_teacher, tm
     assert sum(r.pairs[0].rank == 1 for r in ct2) > 0  # closest did pick second hypotheses
     # Scores: CTranslate2 renormalises the first step without EOS (--min-len 1), fairseq does not; the
     # difference is one non-negative log-probability per sentence, divided by the length (lenpen 1)
-    # of each hypothesis, EOS included. Check that form on both n-best hypotheses of each source,
+    # of each hypothesis, EOS included. Check that form on the n-best hypotheses both engines found,
     # decoded again here with the n-best kept.
     for engine in ("fairseq", "ctranslate2"):
         distill(tiny_data / "bin", tiny_teacher, tmp_path / f"{engine}-nbest", "--beam", "4", "--select", "nbest-2",
                 "--engine", engine)
     for c, f in zip(records(tmp_path / "ctranslate2-nbest"), records(tmp_path / "fairseq-nbest")):
-        assert [h.text for h in c.pairs] == [h.text for h in f.pairs]
-        offsets = [(hc.score - hf.score) * (len(hc.text.split()) + 1) for hc, hf in zip(c.pairs, f.pairs)]
-        assert offsets[0] >= -1e-5 and offsets[1] == pytest.approx(offsets[0], abs=1e-4), (c.id, offsets)
+        assert c.pairs[0].text == f.pairs[0].text
+        fairseq_scores = {h.text: h.score for h in f.pairs}
+        offsets = [(h.score - fairseq_scores[h.text]) * (len(h.text.split()) + 1)
+                   for h in c.pairs if h.text in fairseq_scores]
+        assert offsets[0] >= -1e-5 and all(o == pytest.approx(offsets[0], abs=1e-4) for o in offsets), (c.id, offsets)
+        # Below the best, the engines stop their searches by different rules: where a second
+        # hypothesis differs, CTranslate2's is one fairseq stopped before finishing, and scores above
+        # fairseq's second even without the renormalisation (measured: 1 of 100 sentences, on some machines' teacher)
+        for hc, hf in zip(c.pairs[1:], f.pairs[1:]):
+            if hc.text != hf.text:
+                assert hc.text not in fairseq_scores
+                assert hc.score - offsets[0] / (len(hc.text.split()) + 1) > hf.score, (c.id, hc, hf)
 
 
 def test_resume_reuses_the_teacher_and_refuses_other_engines(greedy_runs, tiny_data, tiny_teacher, tmp_path, capsys):

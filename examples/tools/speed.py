@@ -40,7 +40,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 import fairseq_kd  # noqa: F401  (lets torch.load read fairseq checkpoints safely)
 from fairseq_kd.ct2_export import export as export_ct2
-from fairseq_kd.ct2_translate import DecodingSettings, load_translator, translate_pieces
+from fairseq_kd.ct2_translate import DecodingSettings, load_translator, source_units, translate_pieces
 
 
 def measured_models(models_tsv):
@@ -97,7 +97,7 @@ def source_tokens(task, subset):
     without the end-of-sentence marker CTranslate2 adds itself. Returns (ids, token lists)."""
     dataset = task.dataset(subset)
     order = dataset.ordered_indices()
-    return order, [[task.src_dict[t] for t in dataset.src[i][:-1].tolist()] for i in order]
+    return order, [source_units(task.src_dict, dataset.src[i]) for i in order]
 
 
 def ct2_translate(translator, sources, batch_size, settings):

@@ -22,7 +22,8 @@ import torch
 from fairseq_kd.cli.errors import UserError
 from fairseq_kd.ct2_export import export, read_record, require_ctranslate2
 from fairseq_kd.fileio import file_sha256
-from fairseq_kd.ct2_translate import DecodingSettings, check_settings, load_translator, translate_pieces
+from fairseq_kd.ct2_translate import (DecodingSettings, check_settings, load_translator, source_units,
+                                      translate_pieces)
 from fairseq_kd.distill_bitext.selection import Hypothesis
 from fairseq_kd.distill_bitext.shards import DistillDataError, split_state_path
 from fairseq_kd.distill_bitext.translate import SplitTranslator
@@ -99,14 +100,11 @@ class Ct2TeacherTranslator(SplitTranslator):
         self.translator = load_translator(model_dir, device=device)
         self.device = device
 
-    def _source_units(self, i: int) -> List[str]:
-        ids = self.dataset.src[i].tolist()
-        eos = self.task.source_dictionary.eos()
-        return [self.task.source_dictionary[t] for t in (ids[:-1] if ids and ids[-1] == eos else ids)]
-
     def translate_batch(self, batch: np.ndarray) -> Dict[int, List[Hypothesis]]:
         tgt_dict = self.task.target_dictionary
-        results = translate_pieces(self.translator, [self._source_units(i) for i in batch], self.settings)
+        results = translate_pieces(
+            self.translator, [source_units(self.task.source_dictionary, self.dataset.src[i]) for i in batch],
+            self.settings)
         return {
             int(i): [
                 Hypothesis(tgt_dict.string(torch.tensor([tgt_dict.index(u) for u in units])), score, rank)

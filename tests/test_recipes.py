@@ -229,3 +229,15 @@ def test_an_imported_teachers_dictionary_must_fit_it(recipes, tmp_path):
     rows = len((methods_work / "bin" / "dict.en.txt").read_text().splitlines()) + 4  # fairseq's 4 symbols
     assert f"the encoder has {rows} embeddings but {short} makes a dictionary of {rows - 1} entries" in proc.stdout
     assert not (work / "teacher").exists()
+
+
+def test_compression_sizes_choose_the_students_and_their_order(tmp_path):
+    proc = run_compression_study(tmp_path / "plan", DRY_RUN="1", COMPRESSION_SIZES="10x 4x")
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    steps = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("# train-")]
+    trained = [step.removeprefix("train-").removesuffix("-s1") for step in steps if step != "train-teacher"]
+    assert trained == [f"{size}.{method}" for size in ("10x", "4x") for method in COMPRESSION_METHODS]
+
+    proc = run_compression_study(tmp_path / "refused", DRY_RUN="1", COMPRESSION_SIZES="4x 5x")
+    assert proc.returncode != 0
+    assert "COMPRESSION_SIZES: no size '5x' (the sizes: 4x 4x_deep_enc 10x)" in proc.stdout

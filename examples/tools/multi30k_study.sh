@@ -27,8 +27,9 @@
 #               once per sentence, and taken from the decoder, which runs once per output token
 #   10x         2+2 layers, d=64, ffn 256
 #
-# with the methods gold, seq_kd, seq_kd_then_gold, seq_kd_interp and hybrid_kd as above. The
-# report draws BLEU against parameters and against int8 decoding speed, one line per method.
+# with the methods gold, seq_kd, seq_kd_then_gold, seq_kd_interp and hybrid_kd as above
+# (COMPRESSION_SIZES="10x 4x" trains only those sizes, in that order). The report draws BLEU
+# against parameters and against int8 decoding speed, one line per method.
 
 # shellcheck source=recipe_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
@@ -116,8 +117,11 @@ compression_study() {
     # the teacher's translations decoded by CTranslate2 in float32: fairseq's output (docs/distill-data.md)
     # at about 2.4 times its speed on a CPU
     distill kd top1 --engine ctranslate2 --ct2-quantization float32 --batch-size 64
-    local name encoder decoder width ffn heads dropout gold paired baseline
-    for size in "${sizes[@]}"; do
+    local name encoder decoder width ffn heads dropout gold paired baseline chosen
+    # COMPRESSION_SIZES: the sizes to train, in this order (default: all three)
+    for chosen in ${COMPRESSION_SIZES:-4x 4x_deep_enc 10x}; do
+        size=$(printf '%s\n' "${sizes[@]}" | grep "^$chosen ") ||
+            die "COMPRESSION_SIZES: no size '$chosen' (the sizes: 4x 4x_deep_enc 10x)"
         read -r name encoder decoder width ffn heads dropout <<<"$size"
         transformer_arch student_arch "$encoder" "$decoder" "$width" "$ffn" "$heads" --dropout "$dropout"
         # each size's students: its architecture, then task and criterion, tested against its gold-only student

@@ -331,8 +331,8 @@ _students() {
 # when set in the environment (the report quotes them)
 recipe_settings() {
     local name value words=()
-    for name in SCALE STUDY TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB MAX_TOKENS LR WARMUP \
-        TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES; do
+    for name in SCALE STUDY COMPRESSION_SIZES TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB \
+        MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES; do
         value=${!name:-}
         # an imported teacher was not trained here
         [[ -z $value || ($name == TEACHER_UPDATES && -n $IMPORTED_TEACHER) ]] && continue

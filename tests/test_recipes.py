@@ -232,12 +232,19 @@ def test_an_imported_teachers_dictionary_must_fit_it(recipes, tmp_path):
 
 
 def test_compression_sizes_choose_the_students_and_their_order(tmp_path):
-    proc = run_compression_study(tmp_path / "plan", DRY_RUN="1", COMPRESSION_SIZES="10x 4x")
+    proc = run_compression_study(tmp_path / "plan", DRY_RUN="1", COMPRESSION_SIZES="10x 4x 4x_deep_enc:hybrid_kd,gold")
     assert proc.returncode == 0, proc.stdout[-5000:]
     steps = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("# train-")]
     trained = [step.removeprefix("train-").removesuffix("-s1") for step in steps if step != "train-teacher"]
-    assert trained == [f"{size}.{method}" for size in ("10x", "4x") for method in COMPRESSION_METHODS]
+    assert trained == [f"{size}.{method}" for size in ("10x", "4x") for method in COMPRESSION_METHODS] + \
+        ["4x_deep_enc.gold", "4x_deep_enc.hybrid_kd"]
 
-    proc = run_compression_study(tmp_path / "refused", DRY_RUN="1", COMPRESSION_SIZES="4x 5x")
-    assert proc.returncode != 0
-    assert "COMPRESSION_SIZES: no size '5x' (the sizes: 4x 4x_deep_enc 10x)" in proc.stdout
+    refusals = {
+        "4x 5x": "no size '5x' (the sizes: 4x 4x_deep_enc 10x)",
+        "4x:gold,kd": "4x: no method 'kd' (the methods: gold seq_kd seq_kd_then_gold seq_kd_interp hybrid_kd)",
+        "10x:hybrid_kd": "10x: gold must be among its methods (the baseline of the others)",
+        "4x:gold,seq_kd_then_gold": "4x: seq_kd_then_gold fine-tunes seq_kd, which must be among its methods",
+    }
+    for sizes, message in refusals.items():
+        proc = run_compression_study(tmp_path / "refused", DRY_RUN="1", COMPRESSION_SIZES=sizes)
+        assert proc.returncode != 0 and f"COMPRESSION_SIZES: {message}" in proc.stdout, (sizes, proc.stdout[-2000:])

@@ -28,8 +28,9 @@
 #   10x         2+2 layers, d=64, ffn 256
 #
 # with the methods gold, seq_kd, seq_kd_then_gold, seq_kd_interp and hybrid_kd as above
-# (COMPRESSION_SIZES="10x 4x" trains only those sizes, in that order). The report draws BLEU
-# against parameters and against int8 decoding speed, one line per method.
+# (COMPRESSION_SIZES="10x 4x:gold,hybrid_kd" trains only those sizes, in that order, and of the
+# 4x only those methods). The report draws BLEU against parameters and against int8 decoding
+# speed, one line per method.
 
 # shellcheck source=recipe_lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/recipe_lib.sh"
@@ -117,25 +118,47 @@ compression_study() {
     # the teacher's translations decoded by CTranslate2 in float32: fairseq's output (docs/distill-data.md)
     # at about 2.4 times its speed on a CPU
     distill kd top1 --engine ctranslate2 --ct2-quantization float32 --batch-size 64
-    local name encoder decoder width ffn heads dropout gold paired baseline chosen
-    # COMPRESSION_SIZES: the sizes to train, in this order (default: all three)
+    local name encoder decoder width ffn heads dropout gold paired baseline chosen methods method
+    local all_methods="gold seq_kd seq_kd_then_gold seq_kd_interp hybrid_kd"
+    # COMPRESSION_SIZES: the sizes to train, in this order, each as SIZE (every method) or
+    # SIZE:METHOD,METHOD... (those methods; gold, the others' baseline, among them)
     for chosen in ${COMPRESSION_SIZES:-4x 4x_deep_enc 10x}; do
+        methods=" $all_methods "
+        if [[ $chosen == *:* ]]; then
+            methods=" ${chosen#*:} " chosen=${chosen%%:*}
+            methods=${methods//,/ }
+        fi
         size=$(printf '%s\n' "${sizes[@]}" | grep "^$chosen ") ||
             die "COMPRESSION_SIZES: no size '$chosen' (the sizes: 4x 4x_deep_enc 10x)"
+        for method in $methods; do
+            [[ " $all_methods " == *" $method "* ]] ||
+                die "COMPRESSION_SIZES: $chosen: no method '$method' (the methods: $all_methods)"
+        done
+        [[ $methods == *" gold "* ]] ||
+            die "COMPRESSION_SIZES: $chosen: gold must be among its methods (the baseline of the others)"
+        [[ $methods != *" seq_kd_then_gold "* || $methods == *" seq_kd "* ]] ||
+            die "COMPRESSION_SIZES: $chosen: seq_kd_then_gold fine-tunes seq_kd, which must be among its methods"
         read -r name encoder decoder width ffn heads dropout <<<"$size"
         transformer_arch student_arch "$encoder" "$decoder" "$width" "$ffn" "$heads" --dropout "$dropout"
         # each size's students: its architecture, then task and criterion, tested against its gold-only student
         gold=("${student_arch[@]}" --task translation "${LABEL_SMOOTHED[@]}")
         paired=("${student_arch[@]}" --task translation_distill --kd-data "$WORK/kd")
         baseline=$name.gold
-        student "$name.gold" "$name: gold only" "$baseline" "$BIN" -- "${gold[@]}"
-        student "$name.seq_kd" "$name: seq-KD, teacher targets only" "$baseline" "$WORK/kd" -- "${gold[@]}"
-        finetune "$name.seq_kd_then_gold" "$name: seq-KD, then gold (QuillBot order)" "$baseline" "$name.seq_kd" \
-            "$BIN" -- "${gold[@]}"
-        student "$name.seq_kd_interp" "$name: seq_kd_interp, alpha 0.5" "$baseline" "$BIN" "$WORK/kd" -- "${paired[@]}" \
-            --criterion seq_kd_interp --alpha 0.5 --label-smoothing 0.1
-        student "$name.hybrid_kd" "$name: hybrid_kd, T 1" "$baseline" "$BIN" "$WORK/kd" "$TEACHER_CHECKPOINT" -- \
-            "${paired[@]}" --teacher-path "$TEACHER_CHECKPOINT" --criterion hybrid_kd --temperature 1 --label-smoothing 0.1
+        for method in $all_methods; do
+            [[ $methods == *" $method "* ]] || continue
+            case $method in
+                gold) student "$name.gold" "$name: gold only" "$baseline" "$BIN" -- "${gold[@]}" ;;
+                seq_kd) student "$name.seq_kd" "$name: seq-KD, teacher targets only" "$baseline" "$WORK/kd" -- \
+                    "${gold[@]}" ;;
+                seq_kd_then_gold) finetune "$name.seq_kd_then_gold" "$name: seq-KD, then gold (QuillBot order)" \
+                    "$baseline" "$name.seq_kd" "$BIN" -- "${gold[@]}" ;;
+                seq_kd_interp) student "$name.seq_kd_interp" "$name: seq_kd_interp, alpha 0.5" "$baseline" "$BIN" \
+                    "$WORK/kd" -- "${paired[@]}" --criterion seq_kd_interp --alpha 0.5 --label-smoothing 0.1 ;;
+                hybrid_kd) student "$name.hybrid_kd" "$name: hybrid_kd, T 1" "$baseline" "$BIN" "$WORK/kd" \
+                    "$TEACHER_CHECKPOINT" -- "${paired[@]}" --teacher-path "$TEACHER_CHECKPOINT" --criterion hybrid_kd \
+                    --temperature 1 --label-smoothing 0.1 ;;
+            esac
+        done
     done
     # one line per method (the part of each student's name after the size) across the sizes
     run_recipe "Multi30k $1-$2: students of three sizes, gold-only and distilled" --plot-by-method

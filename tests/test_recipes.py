@@ -146,6 +146,22 @@ def test_a_finished_recipe_reruns_only_its_report(recipes):
     assert [line.split("]")[0] for line in ran] == ["[report"]
 
 
+def test_a_dry_run_leaves_the_plan_and_model_list_alone(recipes):
+    """A dry run beside a run of the same WORK (here: a finished one) with other settings prints
+    its own plan and leaves the running plan's plan.tsv and models.tsv, read by its speed and report
+    steps, as they were."""
+    work = finished(recipes, "paracrawl-en-fr")
+    kept = {name: (work / name).read_bytes() for name in ("plan.tsv", "models.tsv")}
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / "paracrawl-en-fr" / "recipe.sh")],
+        env=dict(os.environ, SCALE="tiny", WORK=str(work), SEEDS="1 2 3", PYTHON=sys.executable, DRY_RUN="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "# train-baseline-s3 (to run;" in proc.stdout and "not written to WORK in a dry run" in proc.stdout
+    assert {name: (work / name).read_bytes() for name in kept} == kept
+
+
 def test_local_data_is_required_at_full_scale(tmp_path):
     for name, variable in (("wmt21-de-en", "WMT21_DE_EN_DIR"), ("paracrawl-en-fr", "PARACRAWL_EN_FR_DIR"),
                            ("ted-de-en", "TED_DE_EN_DIR")):

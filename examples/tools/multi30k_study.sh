@@ -120,16 +120,17 @@ compression_study() {
     distill kd top1 --engine ctranslate2 --ct2-quantization float32 --batch-size 64
     local name encoder decoder width ffn heads dropout gold paired baseline chosen methods method
     local all_methods="gold seq_kd seq_kd_then_gold seq_kd_interp hybrid_kd"
+    local size_names=("${sizes[@]%% *}")
     # COMPRESSION_SIZES: the sizes to train, in this order, each as SIZE (every method) or
-    # SIZE:METHOD,METHOD... (those methods; gold, the others' baseline, among them)
-    for chosen in ${COMPRESSION_SIZES:-4x 4x_deep_enc 10x}; do
+    # SIZE:METHOD,METHOD... (those methods; gold, the others' baseline, among them); default: all
+    for chosen in ${COMPRESSION_SIZES:-${size_names[*]}}; do
         methods=" $all_methods "
         if [[ $chosen == *:* ]]; then
             methods=" ${chosen#*:} " chosen=${chosen%%:*}
             methods=${methods//,/ }
         fi
         size=$(printf '%s\n' "${sizes[@]}" | grep "^$chosen ") ||
-            die "COMPRESSION_SIZES: no size '$chosen' (the sizes: 4x 4x_deep_enc 10x)"
+            die "COMPRESSION_SIZES: no size '$chosen' (the sizes: ${size_names[*]})"
         for method in $methods; do
             [[ " $all_methods " == *" $method "* ]] ||
                 die "COMPRESSION_SIZES: $chosen: no method '$method' (the methods: $all_methods)"

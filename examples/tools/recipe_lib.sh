@@ -5,8 +5,8 @@
 # below (prepare_data, teacher, distill, init_student, student, finetune) and finally run_recipe.
 # Every block takes what it uses as arguments, apart from the settings below and the paths of the
 # work directory that recipe_begin names (BIN, SPM, TEACHER_CHECKPOINT). The blocks run nothing
-# themselves: each appends steps to WORK/plan.tsv, a step being a name, the output it makes, the
-# outputs of earlier steps it needs, its threads and the command. run_recipe adds the speed
+# themselves: each appends steps to the plan (WORK/plan.tsv once it runs), a step being a name, the
+# output it makes, the outputs of earlier steps it needs, its threads and the command. run_recipe adds the speed
 # measurement and the report and hands the plan to run_plan.py, which runs every step whose output
 # does not exist yet (commands write OUTPUT.partial, renamed on success), so a recipe resumes where
 # it stopped; delete an output to redo its step (and the steps that used it). WORK/plan.tsv and
@@ -30,7 +30,8 @@
 #   RESULTS    directory of the results table and plot (default: docs/results at full scale,
 #              WORK at tiny scale)
 #   TRAIN_FLAGS  extra fairseq-train flags for every model, e.g. "--fp16 --update-freq 4" on GPUs
-#   DRY_RUN    1: print the commands and whether each is done, run nothing
+#   DRY_RUN    1: print the commands and whether each is done, run nothing (WORK's plan.tsv and
+#              models.tsv, maybe a running plan's, are left as they are)
 #   PYTHON     the interpreter that has fairseq and the plugin (default: python)
 #   TEACHER    reuse a teacher trained before (a fairseq checkpoint) instead of training one: the
 #              data are encoded with its sentencepiece model (TEACHER_SPM, default: the one *.model
@@ -90,8 +91,12 @@ recipe_begin() {
     _imported_teacher
     PLAN=$WORK/plan.tsv
     MODELS=$WORK/models.tsv
-    : >"$PLAN"
-    printf 'name\tgroup\tlabel\trole\tseed\tdir\tbaseline\n' >"$MODELS"
+    # The blocks write the plan and the model list into drafts that run_recipe moves into WORK only
+    # when the plan runs: a dry run leaves those of a run in progress in the same WORK alone.
+    _DRAFTS=$(mktemp -d)
+    trap 'rm -rf "$_DRAFTS"' EXIT
+    : >"$_DRAFTS/plan.tsv"
+    printf 'name\tgroup\tlabel\trole\tseed\tdir\tbaseline\n' >"$_DRAFTS/models.tsv"
     # what the steps make: the binarized data, the sentencepiece model, the teacher
     BIN=$WORK/bin
     SPM=$WORK/spm/spm.model
@@ -158,7 +163,7 @@ _add_step() {
     count=$(_count_needs "$@")
     local needs=("${@:1:count}")
     shift $((count + 1))
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$THREADS" "${needs[*]@Q}" "$(printf '%q ' "$@")" >>"$PLAN"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$output" "$stdout" "$THREADS" "${needs[*]@Q}" "$(printf '%q ' "$@")" >>"$_DRAFTS/plan.tsv"
 }
 
 # _count_needs WORDS...: how many WORDS come before the -- that ends a list of needs.
@@ -239,7 +244,7 @@ prepare_local() {
 # add_model NAME GROUP LABEL ROLE SEED DIR BASELINE: a model for the report; GROUP gathers a method's
 # seeds, BASELINE is the group it is tested against (none for the teacher).
 add_model() {
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$MODELS"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$_DRAFTS/models.tsv"
 }
 
 # translate NAME DIR: translate every test set with DIR/checkpoint_best.pt (fairseq-generate, all of
@@ -361,8 +366,15 @@ run_recipe() {
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
         --scale "$SCALE" --settings "$(recipe_settings)" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"
-    echo "plan: $PLAN ($(wc -l <"$PLAN") steps), work directory: $WORK"
-    local dry_run=()
-    [[ ${DRY_RUN:-0} == 1 ]] && dry_run=(--dry-run)
-    "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" --cores "$CORES" "${dry_run[@]}"
+    local steps
+    steps=$(wc -l <"$_DRAFTS/plan.tsv")
+    if [[ ${DRY_RUN:-0} == 1 ]]; then
+        echo "plan ($steps steps, not written to WORK in a dry run), work directory: $WORK"
+        "$PYTHON" "$TOOLS/run_plan.py" "$_DRAFTS/plan.tsv" --jobs "$JOBS" --cores "$CORES" --dry-run
+    else
+        mv "$_DRAFTS/models.tsv" "$MODELS"
+        mv "$_DRAFTS/plan.tsv" "$PLAN"
+        echo "plan: $PLAN ($steps steps), work directory: $WORK"
+        "$PYTHON" "$TOOLS/run_plan.py" "$PLAN" --jobs "$JOBS" --cores "$CORES"
+    fi
 }

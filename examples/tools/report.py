@@ -186,7 +186,7 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
     lines = [
         f"# {args.title}",
         "",
-        f"Written by the recipe ({args.scale} scale) on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
+        f"Written by the recipe on {time.strftime('%Y-%m-%d')}; do not edit by hand.",
         "",
     ]
     if args.settings:
@@ -272,17 +272,19 @@ def plot(args, groups, tests, path):
     plt.close(figure)
 
 
-def method_of(name):
-    """The method of a student group named SIZE.METHOD (e.g. 4x.hybrid_kd -> hybrid_kd)."""
+def size_and_method(name):
+    """(size, method) of a student group named SIZE.METHOD, e.g. 4x_deep_enc.hybrid_kd."""
     size, dot, method = name.partition(".")
     if not dot or not size or not method:
         sys.exit(f"--plot-by-method: the student group {name!r} is not named SIZE.METHOD")
-    return method
+    return size, method
 
 
 def plot_by_method(args, groups, tests, path):
     """BLEU on the first test set against parameters (left) and against the int8 model's sentences/s
-    at the first speed batch size (right): one line per method through its sizes, the teacher a star."""
+    at the first speed batch size (right), the teacher a star. A size is named RATIO or
+    RATIO_SHAPE (4x, 10x, 4x_deep_enc): one line per method through the sizes of one shape, each
+    method one colour, each shape one marker and line style."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -290,27 +292,36 @@ def plot_by_method(args, groups, tests, path):
 
     test = tests[0]
     batch = min((int(b) for group in groups.values() for b in group["ct2_speed"]), default=1)
-    lines = OrderedDict()  # method -> [(parameters, int8 sent/s or None, BLEU)]
+    lines = OrderedDict()  # (method, shape) -> [(parameters, int8 sent/s or None, BLEU)]
+    methods, shapes = [], []
     teacher = None
     for name, group in groups.items():
         point = (group["parameters"], group["ct2_speed"].get(str(batch)), group["bleu"][test]["mean"])
         if group["role"] == "teacher":
             teacher = point
-        else:
-            lines.setdefault(method_of(name), []).append(point)
+            continue
+        size, method = size_and_method(name)
+        shape = size.partition("_")[2]
+        methods += [method] if method not in methods else []
+        shapes += [shape] if shape not in shapes else []
+        lines.setdefault((method, shape), []).append(point)
+    markers, styles = "os^Dv", ["-", "--", ":", "-."]
     figure, panels = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for column, (axes, label) in enumerate(zip(panels, ("parameters", f"int8 sentences/s, batch {batch}"))):
-        for method, points in lines.items():
+        for (method, shape), points in lines.items():
             drawn = sorted((p[column], p[2]) for p in points if p[column] is not None)
+            k = shapes.index(shape)
             if drawn:
-                axes.plot([x for x, _ in drawn], [y for _, y in drawn], marker="o", label=method)
+                axes.plot([x for x, _ in drawn], [y for _, y in drawn], color=f"C{methods.index(method) % 10}",
+                          marker=markers[k % len(markers)], linestyle=styles[k % len(styles)],
+                          label=f"{method}, {shape}" if shape else method)
         if teacher and teacher[column] is not None:
             axes.plot(teacher[column], teacher[2], "*", color="black", markersize=12, label="teacher")
         axes.set_xscale("log")
         axes.set_xlabel(label)
         axes.grid(True, alpha=0.3)
     panels[0].set_ylabel(f"BLEU, {test}")
-    panels[1].legend(fontsize=8)
+    panels[1].legend(fontsize=7)
     figure.suptitle(args.title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")

@@ -5,6 +5,7 @@ table and plot with one row per student method, every BLEU parsed, and every out
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -224,6 +225,13 @@ def test_compression_study_reuses_a_teacher(recipes, tmp_path):
         assert (work / "teacher" / f"{test}.hyp").read_text() == (methods_work / "teacher" / f"{test}.hyp").read_text()
     parameters = {size: results["models"][f"{size}.gold"]["parameters"] for size in COMPRESSION_SIZES}
     assert parameters["10x"] < parameters["4x"] < results["models"]["teacher"]["parameters"]
+    # each size's int8 speed: the median of its students (one architecture), against the teacher in fairseq
+    table = (work / "multi30k-en-de-compression.md").read_text()
+    teacher_speed = results["models"]["teacher"]["speed"]["1"]
+    for size in COMPRESSION_SIZES:
+        speeds = [results["models"][f"{size}.{method}"]["ct2_speed"]["1"] for method in COMPRESSION_METHODS]
+        median = statistics.median(speeds)
+        assert f"{size} {median:.1f} ({min(speeds):.1f}-{max(speeds):.1f}, {median / teacher_speed:.1f}x)" in table
 
     other = teacher_of(finished(recipes, "multi30k-en-fr"))
     proc = run_compression_study(work, **other)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Knowledge distillation on Multi30k en->de, CPU only, about 20 minutes on 2 cores: a
+# Knowledge distillation on Multi30k en->de, CPU only, 20 to 30 minutes on 2 cores: a
 # joint sentencepiece model, binarization with one joined dictionary, a small transformer teacher,
 # its translations of the training sources (fairseq-kd-distill-data), and two students of one
 # smaller size trained for the same number of updates: one on the gold data alone, one with

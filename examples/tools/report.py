@@ -220,6 +220,18 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
             f"(`{ct2['signature']}`); speed-up: its sentences/s at batch {batch_sizes[0]} divided by the "
             f"teacher's in fairseq.",
         ]
+    if ct2 and args.plot_by_method:
+        teacher_speed = teacher["speed"].get(batch_sizes[0])
+        cells = []
+        for size, speeds in speed_by_size(groups, batch_sizes[0]).items():
+            median = statistics.median(speeds)
+            speed_up = f", {median / teacher_speed:.1f}x" if teacher_speed else ""
+            cells.append(f"{size} {median:.1f} ({min(speeds):.1f}-{max(speeds):.1f}{speed_up})")
+        lines.append(
+            f"- {q} speed by size, batch {batch_sizes[0]}: the methods of a size share its architecture, so the "
+            "spread of their speeds is the measurement's (and their output lengths'); the median of its students "
+            f"(their range, and the median's speed-up against the teacher in fairseq): {'; '.join(cells)}."
+        )
     if any(not group["speed"] for group in groups.values()):
         lines.append("- n/a: a model added after the speed step ran; delete WORK/speed.json to measure all again.")
     return "\n".join(lines) + "\n"
@@ -280,11 +292,22 @@ def size_and_method(name):
     return size, method
 
 
+def speed_by_size(groups, batch):
+    """{size: the CTranslate2 sentences/s at ``batch`` of each of its students}, for student groups
+    named SIZE.METHOD, in the groups' order."""
+    sizes = OrderedDict()
+    for name, group in groups.items():
+        if group["role"] != "teacher" and batch in group["ct2_speed"]:
+            sizes.setdefault(size_and_method(name)[0], []).append(group["ct2_speed"][batch])
+    return sizes
+
+
 def plot_by_method(args, groups, tests, path):
-    """BLEU on the first test set against parameters (left) and against the int8 model's sentences/s
-    at the first speed batch size (right), the teacher a star. A size is named RATIO or
-    RATIO_SHAPE (4x, 10x, 4x_deep_enc): one line per method through the sizes of one shape, each
-    method one colour, each shape one marker and line style."""
+    """BLEU on the first test set against parameters (left) and against int8 sentences/s at the
+    first speed batch size (right: each size at the median speed of its students, which share its
+    architecture), the teacher a star. A size is named RATIO or RATIO_SHAPE (4x, 10x, 4x_deep_enc):
+    one line per method through the sizes of one shape, each method one colour, each shape one
+    marker and line style."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -292,22 +315,25 @@ def plot_by_method(args, groups, tests, path):
 
     test = tests[0]
     batch = min((int(b) for group in groups.values() for b in group["ct2_speed"]), default=1)
+    size_speed = {size: statistics.median(speeds) for size, speeds in speed_by_size(groups, str(batch)).items()}
     lines = OrderedDict()  # (method, shape) -> [(parameters, int8 sent/s or None, BLEU)]
     methods, shapes = [], []
     teacher = None
     for name, group in groups.items():
-        point = (group["parameters"], group["ct2_speed"].get(str(batch)), group["bleu"][test]["mean"])
+        bleu = group["bleu"][test]["mean"]
         if group["role"] == "teacher":
-            teacher = point
+            teacher = (group["parameters"], group["ct2_speed"].get(str(batch)), bleu)
             continue
         size, method = size_and_method(name)
+        point = (group["parameters"], size_speed.get(size), bleu)
         shape = size.partition("_")[2]
         methods += [method] if method not in methods else []
         shapes += [shape] if shape not in shapes else []
         lines.setdefault((method, shape), []).append(point)
     markers, styles = "os^Dv", ["-", "--", ":", "-."]
-    figure, panels = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for column, (axes, label) in enumerate(zip(panels, ("parameters", f"int8 sentences/s, batch {batch}"))):
+    figure, panels = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    speed_label = f"int8 sentences/s, batch {batch} (students: their size's median)"
+    for column, (axes, label) in enumerate(zip(panels, ("parameters", speed_label))):
         for (method, shape), points in lines.items():
             drawn = sorted((p[column], p[2]) for p in points if p[column] is not None)
             k = shapes.index(shape)
@@ -321,7 +347,7 @@ def plot_by_method(args, groups, tests, path):
         axes.set_xlabel(label)
         axes.grid(True, alpha=0.3)
     panels[0].set_ylabel(f"BLEU, {test}")
-    panels[1].legend(fontsize=7)
+    panels[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the points, not on them
     figure.suptitle(args.title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120, format="png")

@@ -317,7 +317,6 @@ def plot_by_method(args, groups, tests, path):
     batch = min((int(b) for group in groups.values() for b in group["ct2_speed"]), default=1)
     size_speed = {size: statistics.median(speeds) for size, speeds in speed_by_size(groups, str(batch)).items()}
     lines = OrderedDict()  # (method, shape) -> [(parameters, int8 sent/s or None, BLEU)]
-    methods, shapes = [], []
     teacher = None
     for name, group in groups.items():
         bleu = group["bleu"][test]["mean"]
@@ -326,10 +325,10 @@ def plot_by_method(args, groups, tests, path):
             continue
         size, method = size_and_method(name)
         point = (group["parameters"], size_speed.get(size), bleu)
-        shape = size.partition("_")[2]
-        methods += [method] if method not in methods else []
-        shapes += [shape] if shape not in shapes else []
-        lines.setdefault((method, shape), []).append(point)
+        lines.setdefault((method, size.partition("_")[2]), []).append(point)
+    # each method one colour, each shape one marker and line style, in order of appearance
+    methods = list(dict.fromkeys(method for method, _ in lines))
+    shapes = list(dict.fromkeys(shape for _, shape in lines))
     markers, styles = "os^Dv", ["-", "--", ":", "-."]
     figure, panels = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
     speed_label = f"int8 sentences/s, batch {batch} (students: their size's median)"

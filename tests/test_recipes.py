@@ -147,6 +147,56 @@ def test_a_finished_recipe_reruns_only_its_report(recipes):
     assert [line.split("]")[0] for line in ran] == ["[report"]
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_speeds_are_the_median_of_rounds_in_turn(recipes, name):
+    """Every model is timed SPEED_ROUNDS times (2 at tiny scale) in each engine; its speed is the
+    median of its rounds (of two: their mean), and the table says how it was measured."""
+    work = finished(recipes, name)
+    speed = json.loads((work / "speed.json").read_text())
+    # the teacher and the first seed of each student method
+    assert speed["rounds"] == 2 and speed["models"] == ["teacher"] + [f"{m}-s1" for m in RECIPES[name][1]]
+    for engine in (speed, speed["ct2"]):
+        assert list(engine["sentences_per_second_by_round"]) == speed["models"]
+        for model, by_batch in engine["sentences_per_second_by_round"].items():
+            assert set(by_batch) == {"1", "64"}
+            for batch, rounds in by_batch.items():
+                assert len(rounds) == 2 and all(s > 0 for s in rounds)
+                assert engine["sentences_per_second"][model][batch] == pytest.approx((rounds[0] + rounds[1]) / 2)
+    assert "every model measured in the same run, 2 times in turn (round-robin)" in (work / f"{name}.md").read_text()
+
+
+def test_a_rerun_with_models_added_measures_every_speed_again(recipes):
+    """A speed.json that lacks a model of the plan (as after a rerun that adds one) is kept aside and
+    every model is measured again in one run; a dry run only says so."""
+    work = finished(recipes, "ted-de-en")
+    speed = json.loads((work / "speed.json").read_text())
+    speed["models"].remove("best2-s1")
+    for engine in (speed, speed["ct2"]):
+        for key in ("sentences_per_second", "sentences_per_second_by_round"):
+            del engine[key]["best2-s1"]
+    del speed["ct2"]["bleu"]["best2-s1"]
+    old = json.dumps(speed)
+    (work / "speed.json").write_text(old)
+    env = dict(os.environ, SCALE="tiny", WORK=str(work), PYTHON=sys.executable, PYTHONWARNINGS="ignore")
+    recipe = ["bash", str(REPO / "examples" / "ted-de-en" / "recipe.sh")]
+    proc = subprocess.run(recipe, env=dict(env, DRY_RUN="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"{work}/speed.json does not measure every model of this plan" in proc.stdout
+    assert (work / "speed.json").read_text() == old and not list(work.glob("speed.before-*.json"))
+
+    proc = subprocess.run(recipe, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    aside = list(work.glob("speed.before-*.json"))
+    assert len(aside) == 1 and aside[0].read_text() == old
+    assert f"kept as {aside[0]}, all are measured again" in proc.stdout
+    ran = [line.split("]")[0] for line in proc.stdout.splitlines() if line.endswith(")") and "] running" in line]
+    assert ran == ["[speed", "[report"]
+    assert json.loads((work / "speed.json").read_text())["models"] == \
+        ["teacher"] + [f"{m}-s1" for m in RECIPES["ted-de-en"][1]]
+    assert "n/a" not in (work / "ted-de-en.md").read_text()
+
+
 def test_a_dry_run_leaves_the_plan_and_model_list_alone(recipes):
     """A dry run beside a run of the same WORK (here: a finished one) with other settings prints
     its own plan and leaves the running plan's plan.tsv and models.tsv, read by its speed and report

@@ -27,6 +27,8 @@
 #              the cores the running steps leave free
 #   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
 #   SPEED_BATCH, SPEED_THREADS  the speed step's larger batch (default 64) and threads (default 1)
+#   SPEED_ROUNDS  times every model's speed is measured, the models in turn; the median is reported
+#              (default 3; 2 at tiny scale)
 #   RESULTS    directory of the results table and plot (default: docs/results at full scale,
 #              WORK at tiny scale)
 #   TRAIN_FLAGS  extra fairseq-train flags for every model, e.g. "--fp16 --update-freq 4" on GPUs
@@ -68,6 +70,7 @@ recipe_begin() {
         # Barely trained models repeat tokens until the length limit: generation is capped.
         RESULTS=${RESULTS:-$WORK} THREADS=${THREADS:-1}
         TRAIN_LINES=${TRAIN_LINES:-300} EVAL_LINES=${EVAL_LINES:-30} SPEED_LINES=${SPEED_LINES:-10}
+        SPEED_ROUNDS=${SPEED_ROUNDS:-2}
         VOCAB=${VOCAB:-1000} SPM_SENTENCES=${SPM_SENTENCES:-0}
         MAX_TOKENS=${MAX_TOKENS:-1024} LR=${LR:-5e-3} WARMUP=${WARMUP:-5} LOG_INTERVAL=${LOG_INTERVAL:-5}
         TEACHER_UPDATES=${TEACHER_UPDATES:-30} STUDENT_UPDATES=${STUDENT_UPDATES:-12}
@@ -77,6 +80,7 @@ recipe_begin() {
     else
         RESULTS=${RESULTS:-$REPO/docs/results} THREADS=${THREADS:-$(($(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1))}
         TRAIN_LINES=${TRAIN_LINES:-} EVAL_LINES=${EVAL_LINES:-} SPEED_LINES=${SPEED_LINES:-500}
+        SPEED_ROUNDS=${SPEED_ROUNDS:-3}
         VOCAB=${VOCAB:-8000} SPM_SENTENCES=${SPM_SENTENCES:-5000000}
         MAX_TOKENS=${MAX_TOKENS:-4096} LR=${LR:-1e-3} WARMUP=${WARMUP:-600} LOG_INTERVAL=${LOG_INTERVAL:-100}
         TEACHER_UPDATES=${TEACHER_UPDATES:-2000} STUDENT_UPDATES=${STUDENT_UPDATES:-2000}
@@ -337,7 +341,7 @@ _students() {
 recipe_settings() {
     local name value words=()
     for name in SCALE STUDY COMPRESSION_SIZES TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB \
-        MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES; do
+        MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES SPEED_ROUNDS; do
         value=${!name:-}
         # an imported teacher was not trained here
         [[ -z $value || ($name == TEACHER_UPDATES && -n $IMPORTED_TEACHER) ]] && continue
@@ -345,6 +349,23 @@ recipe_settings() {
         words+=("$name=$value")
     done
     echo "${words[*]}"
+}
+
+# A speed.json that does not measure the models the plan now names (a rerun with models added) is
+# kept as speed.before-DATE.json and the speed step runs again, so that all models are measured in
+# one run and their speeds compare.
+_set_aside_stale_speed() {
+    [[ -f $WORK/speed.json ]] || return 0
+    "$PYTHON" "$TOOLS/model_list.py" speed-is-current "$_DRAFTS/models.tsv" "$WORK/speed.json" && return 0
+    if [[ ${DRY_RUN:-0} == 1 ]]; then
+        echo "$WORK/speed.json does not measure every model of this plan: a run sets it aside and measures all again"
+        return 0
+    fi
+    local aside
+    aside=$WORK/speed.before-$(date +%Y%m%d-%H%M%S).json
+    [[ -e $aside ]] && die "$aside exists: move it away and rerun"
+    mv "$WORK/speed.json" "$aside"
+    echo "$WORK/speed.json did not measure every model of this plan: kept as $aside, all are measured again"
 }
 
 # run_recipe TITLE [REPORT_FLAGS...]: add the speed measurement (teacher and each method's first seed, batch 1 and
@@ -360,9 +381,11 @@ run_recipe() {
         ((i > 0)) && subset=test$i
         bleu_tests+=(--bleu-test "${TEST_NAMES[$i]}" "$subset" "$WORK/raw/${TEST_NAMES[$i]}.$TGT")
     done
+    _set_aside_stale_speed
     THREADS=$SPEED_THREADS step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
         --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$SPEED_BATCH" "${GEN_LIMITS[@]}" \
-        --threads "$SPEED_THREADS" "${bleu_tests[@]}" --spm "$SPM" --out "$WORK/speed.json.partial"
+        --threads "$SPEED_THREADS" --rounds "$SPEED_ROUNDS" "${bleu_tests[@]}" --spm "$SPM" \
+        --out "$WORK/speed.json.partial"
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
         --scale "$SCALE" --settings "$(recipe_settings)" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"

@@ -208,7 +208,8 @@ def markdown(args, groups, tests, speed, signature, bootstrap_signature):
         f"- decoding speed: sentences per second of fairseq's beam search (generation calls only, after a "
         f"warm-up batch) over the first {speed['sentences']} sentences of {tests[0]}, beam {speed['beam']}, "
         f"on {speed['device']} with {speed['threads']} threads; every model measured in the same run, "
-        "one after the other.",
+        + ("one after the other." if speed.get("rounds", 1) == 1 else
+           f"{speed['rounds']} times in turn (round-robin), each speed the median of a model's rounds."),
         "- gap closed: (BLEU - baseline's BLEU) / (teacher's BLEU - baseline's BLEU), the share of the teacher's "
         "lead over the baseline student that the method recovers.",
     ]

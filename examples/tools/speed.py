@@ -1,31 +1,34 @@
-"""Decoding speed of a recipe's teacher and students, measured one after the other in one run, in
-fairseq and as the CTranslate2 model a user deploys.
+"""Decoding speed of a recipe's teacher and students, measured in turn in one run, in fairseq and as
+the CTranslate2 model a user deploys.
 
     python speed.py --models models.tsv --data BIN --subset test2 --reference REF --beam 5 \
-        --batch-sizes 1,64 [--max-len-a 0 --max-len-b 200] --threads 1 \
+        --batch-sizes 1,64 [--max-len-a 0 --max-len-b 200] --threads 1 --rounds 3 \
         --bleu-test test_2016_flickr test RAW/test_2016_flickr.de [--bleu-test ...] --spm spm.model \
         --out speed.json
 
-For the teacher and the first seed of each student method (models.tsv), each checkpoint is loaded
-once and translates the speed split at every batch size with fairseq's SequenceGenerator (the
-beam search fairseq-generate runs), batches of the given number of sentences, nothing dropped.
-Each model is then exported to CTranslate2 (``fairseq-kd-export-ct2``'s conversion, in
-``--ct2-quantization``, int8 by default) and translates the same batches with the same beam and
-length limit, and every ``--bleu-test`` split once more for its BLEU (the quality of the deployed
-model, next to the fairseq model's BLEU in the report). In both engines one batch is translated
-first, untimed, to warm up; the time is then that of the translation calls alone (as
-fairseq-generate's own "sentences/s"), not loading or batching. Every sentence of the split must
-come back. Writes a JSON file: {"device", "threads", "sentences", "beam", "batch_sizes",
-"sentences_per_second": {model: {batch size: speed}}, "ct2": {"quantization", "version",
-"sentences_per_second": {model: {batch size: speed}}, "bleu": {model: {test set: BLEU}},
-"signature"}}.
+The teacher and the first seed of each student method (models.tsv) are loaded once, in fairseq and
+exported to CTranslate2 (``fairseq-kd-export-ct2``'s conversion, in ``--ct2-quantization``, int8
+by default); the CTranslate2 model translates every ``--bleu-test`` split once for its BLEU (the
+quality of the deployed model, next to the fairseq model's BLEU in the report). Then, ``--rounds``
+times, every model in turn translates the speed split at every batch size with fairseq's
+SequenceGenerator (the beam search fairseq-generate runs) and with CTranslate2 (the same batches,
+beam and length limit), nothing dropped. A model's speed is the median of its rounds: the models
+are measured round-robin so that a machine whose speed drifts within the run (shared virtual
+machines do) slows every model alike rather than the few measured at that moment. In both engines
+one batch is translated first, untimed, to warm up; the time is then that of the translation calls
+alone (as fairseq-generate's own "sentences/s"), not loading or batching. Every sentence of the
+split must come back. Writes a JSON file: {"device", "threads", "sentences", "beam", "batch_sizes",
+"rounds", "models", "sentences_per_second": {model: {batch size: median}},
+"sentences_per_second_by_round": {model: {batch size: [speed of each round]}}, "ct2":
+{"quantization", "version", "sentences_per_second", "sentences_per_second_by_round", "bleu":
+{model: {test set: BLEU}}, "signature"}}.
 """
 
 import argparse
-import csv
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -41,17 +44,14 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 import fairseq_kd  # noqa: F401  (lets torch.load read fairseq checkpoints safely)
 from fairseq_kd.ct2_export import export as export_ct2
 from fairseq_kd.ct2_translate import DecodingSettings, load_translator, source_units, translate_pieces
+from model_list import measured_models
 
 
-def measured_models(models_tsv):
-    """(name, checkpoint directory) of the teacher and of the first seed of each student group."""
-    seen, models = set(), []
-    with open(models_tsv, encoding="utf-8") as f:
-        for row in csv.DictReader(f, delimiter="\t"):
-            if row["group"] not in seen:
-                seen.add(row["group"])
-                models.append((row["name"], row["dir"]))
-    return models
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def device_name(device):
@@ -114,31 +114,38 @@ def ct2_translate(translator, sources, batch_size, settings):
     return outputs, seconds
 
 
-def measure_ct2(task, name, directory, args, batch_sizes, workdir):
-    """Export ``directory``'s checkpoint to CTranslate2 in ``workdir``; its sentences/s on the speed
-    split at each batch size and its detokenized translations of each BLEU test set, in input order
-    ({test set: lines})."""
+def decoding_settings(args):
+    return DecodingSettings(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+
+
+def ct2_sentences_per_second(translator, sources, batch_size, settings, subset):
+    """Sentences per second of CTranslate2 translating ``sources`` in batches of ``batch_size``."""
+    outputs, seconds = ct2_translate(translator, sources, batch_size, settings)
+    if len(outputs) != len(sources):
+        sys.exit(f"CTranslate2 returned {len(outputs)} of {len(sources)} translations of {subset}")
+    return len(outputs) / seconds
+
+
+def export_and_translate(task, name, directory, args, batch_size, workdir):
+    """Export ``directory``'s checkpoint to CTranslate2 in ``workdir`` and load it; (the translator, its
+    detokenized translations of each BLEU test set in input order: {test set: lines})."""
     model_dir = os.path.join(workdir, name)
     export_ct2(f"{directory}/checkpoint_best.pt", args.data, model_dir, args.ct2_quantization)
     translator = load_translator(model_dir, threads=args.threads)
-    settings = DecodingSettings(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
-    _, speed_sources = source_tokens(task, args.subset)
-    speeds = {}
-    for batch_size in batch_sizes:
-        outputs, seconds = ct2_translate(translator, speed_sources, batch_size, settings)
-        if len(outputs) != len(speed_sources):
-            sys.exit(f"CTranslate2 returned {len(outputs)} of {len(speed_sources)} translations of {args.subset}")
-        speeds[str(batch_size)] = len(outputs) / seconds
-        print(f"{name}, CTranslate2 {args.ct2_quantization}, batch {batch_size}: {speeds[str(batch_size)]:.1f} "
-              "sentences/s", flush=True)
     pieces = sentencepiece.SentencePieceProcessor(model_file=args.spm)
     translations = {}
     for test, subset, _ in args.bleu_test:
         order, bleu_sources = source_tokens(task, subset)
-        outputs, _ = ct2_translate(translator, bleu_sources, max(batch_sizes), settings)
+        outputs, _ = ct2_translate(translator, bleu_sources, batch_size, decoding_settings(args))
         by_id = dict(zip(order.tolist(), outputs))
         translations[test] = pieces.decode([by_id[i] for i in range(len(order))])
-    return speeds, translations
+    return translator, translations
+
+
+def medians(by_round):
+    """{model: {batch size: [speeds]}} -> {model: {batch size: median}}."""
+    return {name: {batch: statistics.median(speeds) for batch, speeds in by_batch.items()}
+            for name, by_batch in by_round.items()}
 
 
 @torch.no_grad()
@@ -153,6 +160,8 @@ def main():
     parser.add_argument("--max-len-a", type=float, default=0, help="as fairseq-generate's")
     parser.add_argument("--max-len-b", type=int, default=200, help="as fairseq-generate's")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of both engines")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="times every model is measured, in turn; its speed is the median")
     parser.add_argument("--ct2-quantization", default="int8", choices=["int8", "int16", "float32"],
                         help="the CTranslate2 models' weights")
     parser.add_argument("--bleu-test", nargs=3, action="append", required=True, metavar=("NAME", "SUBSET", "REFERENCE"),
@@ -178,35 +187,50 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen_cfg = GenerationConfig(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    speeds, ct2_speeds, ct2_bleu, metric = {}, {}, {}, BLEU()
+    models = measured_models(args.models)
+    names = [name for name, _ in models]
+    fairseq_models, translators, ct2_bleu, metric = {}, {}, {}, BLEU()
+    by_round = {engine: {name: {str(b): [] for b in batch_sizes} for name in names} for engine in ("fairseq", "ct2")}
     with tempfile.TemporaryDirectory(prefix="ct2-", dir=os.path.dirname(os.path.abspath(args.out))) as workdir:
-        for name, directory in measured_models(args.models):
-            models, _ = checkpoint_utils.load_model_ensemble([f"{directory}/checkpoint_best.pt"], task=task)
-            for model in models:
+        for name, directory in models:
+            fairseq_models[name], _ = checkpoint_utils.load_model_ensemble([f"{directory}/checkpoint_best.pt"],
+                                                                           task=task)
+            for model in fairseq_models[name]:
                 model.to(device).eval()
-            speeds[name] = {}
-            for batch_size in batch_sizes:
-                speeds[name][str(batch_size)] = sentences_per_second(task, args.subset, models, gen_cfg, batch_size,
-                                                                     device)
-                print(f"{name}, batch {batch_size}: {speeds[name][str(batch_size)]:.1f} sentences/s", flush=True)
-            ct2_speeds[name], translations = measure_ct2(task, name, directory, args, batch_sizes, workdir)
+            translators[name], translations = export_and_translate(task, name, directory, args, max(batch_sizes),
+                                                                   workdir)
             ct2_bleu[name] = {}
             for test, hypotheses in translations.items():
                 if len(hypotheses) != len(references[test]):
                     sys.exit(f"{len(hypotheses)} CTranslate2 translations for the {len(references[test])} lines of "
                              f"{test}'s reference")
                 ct2_bleu[name][test] = metric.corpus_score(hypotheses, [references[test]]).score
+        _, speed_sources = source_tokens(task, args.subset)
+        for round_number in range(1, args.rounds + 1):
+            for name in names:
+                for batch_size in batch_sizes:
+                    speed = sentences_per_second(task, args.subset, fairseq_models[name], gen_cfg, batch_size, device)
+                    ct2_speed = ct2_sentences_per_second(translators[name], speed_sources, batch_size,
+                                                         decoding_settings(args), args.subset)
+                    by_round["fairseq"][name][str(batch_size)].append(speed)
+                    by_round["ct2"][name][str(batch_size)].append(ct2_speed)
+                    print(f"round {round_number}, {name}, batch {batch_size}: {speed:.1f} sentences/s in fairseq, "
+                          f"{ct2_speed:.1f} in CTranslate2 {args.ct2_quantization}", flush=True)
     result = {
         "device": device_name(device),
         "threads": torch.get_num_threads(),
         "sentences": sentences,
         "beam": args.beam,
         "batch_sizes": batch_sizes,
-        "sentences_per_second": speeds,
+        "rounds": args.rounds,
+        "models": names,
+        "sentences_per_second": medians(by_round["fairseq"]),
+        "sentences_per_second_by_round": by_round["fairseq"],
         "ct2": {
             "quantization": args.ct2_quantization,
             "version": ctranslate2.__version__,
-            "sentences_per_second": ct2_speeds,
+            "sentences_per_second": medians(by_round["ct2"]),
+            "sentences_per_second_by_round": by_round["ct2"],
             "bleu": ct2_bleu,
             "signature": str(metric.get_signature()),
         },

@@ -4,7 +4,8 @@ One run, the same sentences, the same thread count, one after the other:
   (a) fairseq-generate (its own timer around generation: model loading and start-up excluded)
   (b) fairseq-kd-distill-data --engine fairseq
   (c) fairseq-kd-distill-data --engine ctranslate2 --ct2-quantization float32
-  (d) the same with int8
+  (d) the same with int16
+  (e) the same with int8
 The steps run in --repeats interleaved rounds; each rate is the best round's. For (b)-(d) the
 rate is distill-data's own "translated N sentences in Xs" line, which starts after
 the teacher is loaded (or converted) and includes collation, selection and writing the shards; the
@@ -32,6 +33,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+QUANTIZATIONS = ("float32", "int16", "int8")  # the CTranslate2 teacher's weights, in the order run
 
 
 def parse_args():
@@ -126,11 +128,9 @@ def main():
         steps = [
             ("fairseq-generate", lambda: fairseq_generate(args, work, env)),
             ("distill-data --engine fairseq", lambda: distill_data(args, work, env, "fairseq", "--engine", "fairseq")),
-            ("distill-data --engine ctranslate2 float32",
-             lambda: distill_data(args, work, env, "ct2-f32", "--engine", "ctranslate2")),
-            ("distill-data --engine ctranslate2 int8",
-             lambda: distill_data(args, work, env, "ct2-int8", "--engine", "ctranslate2", "--ct2-quantization", "int8")),
-        ]
+        ] + [(f"distill-data --engine ctranslate2 {q}",
+               lambda q=q: distill_data(args, work, env, f"ct2-{q}", "--engine", "ctranslate2", "--ct2-quantization", q))
+             for q in QUANTIZATIONS]
         for round_ in range(args.repeats):
             for k, (name, step) in enumerate(steps):
                 load_before = os.getloadavg()[0]
@@ -149,7 +149,7 @@ def main():
             del row["hypotheses"]
             row["sentences_per_second"] = round(args.sentences / min(row["decode_seconds"]), 1)
         conversions = {}
-        for quantization in ("float32", "int8"):
+        for quantization in QUANTIZATIONS:
             _, wall = run([os.path.join(BIN, "fairseq-kd-export-ct2"), args.teacher, os.path.join(work, "bin"),
                            "--quantization", quantization, "--output-dir", os.path.join(work, f"export-{quantization}")],
                           env)
@@ -171,10 +171,8 @@ def main():
         "conversion_process_wall_seconds": conversions,
         "targets": {
             "engine_fairseq_within_5pct_of_generate": abs(rows[1]["speed_vs_fairseq_generate"] - 1) <= 0.05,
-            "ctranslate2_float32_2x_at_bleu_0.2": rows[2]["speed_vs_fairseq_generate"] >= 2
-            and abs(rows[2]["bleu_vs_fairseq_generate"]) <= 0.2,
-            "ctranslate2_int8_2x_at_bleu_0.2": rows[3]["speed_vs_fairseq_generate"] >= 2
-            and abs(rows[3]["bleu_vs_fairseq_generate"]) <= 0.2,
+            **{f"ctranslate2_{q}_2x_at_bleu_0.2": row["speed_vs_fairseq_generate"] >= 2
+               and abs(row["bleu_vs_fairseq_generate"]) <= 0.2 for q, row in zip(QUANTIZATIONS, rows[2:])},
         },
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "ctranslate2": ctranslate2.__version__},

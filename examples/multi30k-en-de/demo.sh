@@ -48,7 +48,7 @@ transformer_arch student_arch 2 2 128 512 4 --dropout 0.1   # students: 1.4M par
 
 prepare_multi30k
 THREADS=$chain_threads teacher "${teacher_arch[@]}"
-# the teacher's translations in CTranslate2 int8 (several times fairseq's speed on a CPU), each at
+# the teacher's translations in CTranslate2 int8 (about twice fairseq's speed on a CPU), each at
 # most 1.2 x its source + 10 units: an undertrained teacher loops on some sources until the limit
 THREADS=$side_threads distill kd top1 --engine ctranslate2 --ct2-quantization int8 --batch-size 64 \
     --max-len-a 1.2 --max-len-b 10

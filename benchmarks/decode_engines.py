@@ -6,7 +6,7 @@ One run, the same sentences, the same thread count, one after the other:
   (c) fairseq-kd-distill-data --engine ctranslate2 --ct2-quantization float32
   (d) the same with int16
   (e) the same with int8
-The steps run in --repeats interleaved rounds; each rate is the best round's. For (b)-(d) the
+The steps run in --repeats interleaved rounds; each rate is the best round's. For (b)-(e) the
 rate is distill-data's own "translated N sentences in Xs" line, which starts after
 the teacher is loaded (or converted) and includes collation, selection and writing the shards; the
 conversion to CTranslate2 is timed separately (fairseq-kd-export-ct2, a whole process). Every

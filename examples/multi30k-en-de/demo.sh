@@ -26,7 +26,7 @@ export SCALE=full
 : "${JOBS:=2}"                              # two steps at a time (see the threads below)
 : "${VOCAB:=4000}" "${MAX_TOKENS:=2048}"    # small batches give more updates a minute
 : "${TEACHER_UPDATES:=600}" "${STUDENT_UPDATES:=500}" "${LR:=2e-3}" "${WARMUP:=100}"
-: "${SPEED_LINES:=200}" "${SPEED_ROUNDS:=1}" "${LOG_INTERVAL:=50}"   # one speed round: 90 s a round here
+: "${SPEED_LINES:=200}" "${SPEED_ROUNDS:=1}" "${LOG_INTERVAL:=50}"   # one speed round: about 90 s here
 export WORK RESULTS JOBS VOCAB MAX_TOKENS TEACHER_UPDATES STUDENT_UPDATES LR WARMUP SPEED_LINES SPEED_ROUNDS LOG_INTERVAL
 requested_threads=${THREADS:-}
 # shellcheck source=../tools/recipe_lib.sh

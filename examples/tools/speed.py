@@ -67,16 +67,21 @@ def device_name(device):
     return platform.processor() or platform.machine()
 
 
-def sentences_per_second(task, subset, models, gen_cfg, batch_size, device):
-    """Translate every sentence of ``subset`` in batches of ``batch_size``; sentences per second of
-    the generation calls, after one untimed warm-up batch."""
+def fairseq_batches(task, subset, batch_size, device):
+    """The subset's samples in fairseq's batches of ``batch_size`` sentences (by length), on ``device``."""
     dataset = task.dataset(subset)
-    generator = task.build_generator(models, gen_cfg)
     batches = dataset.batch_by_size(dataset.ordered_indices(), max_sentences=batch_size,
                                     required_batch_size_multiple=1)
     samples = [dataset.collater([dataset[i] for i in batch]) for batch in batches]
     if device.type == "cuda":
         samples = [utils.move_to_cuda(sample, device=device) for sample in samples]
+    return samples
+
+
+def sentences_per_second(task, models, gen_cfg, samples, device):
+    """Translate every sample of ``samples`` (from :func:`fairseq_batches`); sentences per second
+    of the generation calls, after one untimed warm-up batch. Returns (sentences translated, speed)."""
+    generator = task.build_generator(models, gen_cfg)
     task.inference_step(generator, models, samples[0])  # warm-up
     seconds, translated = 0.0, 0
     for sample in samples:
@@ -87,9 +92,7 @@ def sentences_per_second(task, subset, models, gen_cfg, batch_size, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
-    if translated != len(dataset):
-        sys.exit(f"{translated} of the {len(dataset)} sentences of {subset} came back at batch size {batch_size}")
-    return translated / seconds
+    return translated, translated / seconds
 
 
 def source_tokens(task, subset):
@@ -114,10 +117,6 @@ def ct2_translate(translator, sources, batch_size, settings):
     return outputs, seconds
 
 
-def decoding_settings(args):
-    return DecodingSettings(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
-
-
 def ct2_sentences_per_second(translator, sources, batch_size, settings, subset):
     """Sentences per second of CTranslate2 translating ``sources`` in batches of ``batch_size``."""
     outputs, seconds = ct2_translate(translator, sources, batch_size, settings)
@@ -126,17 +125,16 @@ def ct2_sentences_per_second(translator, sources, batch_size, settings, subset):
     return len(outputs) / seconds
 
 
-def export_and_translate(task, name, directory, args, batch_size, workdir):
+def export_and_translate(task, name, directory, args, settings, pieces, batch_size, workdir):
     """Export ``directory``'s checkpoint to CTranslate2 in ``workdir`` and load it; (the translator, its
-    detokenized translations of each BLEU test set in input order: {test set: lines})."""
+    translations of each BLEU test set, detokenized by ``pieces``, in input order: {test set: lines})."""
     model_dir = os.path.join(workdir, name)
     export_ct2(f"{directory}/checkpoint_best.pt", args.data, model_dir, args.ct2_quantization)
     translator = load_translator(model_dir, threads=args.threads)
-    pieces = sentencepiece.SentencePieceProcessor(model_file=args.spm)
     translations = {}
     for test, subset, _ in args.bleu_test:
         order, bleu_sources = source_tokens(task, subset)
-        outputs, _ = ct2_translate(translator, bleu_sources, batch_size, decoding_settings(args))
+        outputs, _ = ct2_translate(translator, bleu_sources, batch_size, settings)
         by_id = dict(zip(order.tolist(), outputs))
         translations[test] = pieces.decode([by_id[i] for i in range(len(order))])
     return translator, translations
@@ -186,6 +184,8 @@ def main():
         sys.exit(f"{args.subset} holds {len(task.dataset(args.subset))} sentences, {args.reference} {sentences}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen_cfg = GenerationConfig(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+    settings = DecodingSettings(beam=args.beam, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=args.spm)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     models = measured_models(args.models)
     names = [name for name, _ in models]
@@ -197,21 +197,27 @@ def main():
                                                                            task=task)
             for model in fairseq_models[name]:
                 model.to(device).eval()
-            translators[name], translations = export_and_translate(task, name, directory, args, max(batch_sizes),
-                                                                   workdir)
+            translators[name], translations = export_and_translate(task, name, directory, args, settings, pieces,
+                                                                   max(batch_sizes), workdir)
             ct2_bleu[name] = {}
             for test, hypotheses in translations.items():
                 if len(hypotheses) != len(references[test]):
                     sys.exit(f"{len(hypotheses)} CTranslate2 translations for the {len(references[test])} lines of "
                              f"{test}'s reference")
                 ct2_bleu[name][test] = metric.corpus_score(hypotheses, [references[test]]).score
+        # the same batches for every model and round
         _, speed_sources = source_tokens(task, args.subset)
+        samples = {batch_size: fairseq_batches(task, args.subset, batch_size, device) for batch_size in batch_sizes}
         for round_number in range(1, args.rounds + 1):
             for name in names:
                 for batch_size in batch_sizes:
-                    speed = sentences_per_second(task, args.subset, fairseq_models[name], gen_cfg, batch_size, device)
-                    ct2_speed = ct2_sentences_per_second(translators[name], speed_sources, batch_size,
-                                                         decoding_settings(args), args.subset)
+                    translated, speed = sentences_per_second(task, fairseq_models[name], gen_cfg, samples[batch_size],
+                                                             device)
+                    if translated != sentences:
+                        sys.exit(f"{translated} of the {sentences} sentences of {args.subset} came back at batch "
+                                 f"size {batch_size}")
+                    ct2_speed = ct2_sentences_per_second(translators[name], speed_sources, batch_size, settings,
+                                                         args.subset)
                     by_round["fairseq"][name][str(batch_size)].append(speed)
                     by_round["ct2"][name][str(batch_size)].append(ct2_speed)
                     print(f"round {round_number}, {name}, batch {batch_size}: {speed:.1f} sentences/s in fairseq, "

@@ -213,6 +213,27 @@ def test_a_dry_run_leaves_the_plan_and_model_list_alone(recipes):
     assert {name: (work / name).read_bytes() for name in kept} == kept
 
 
+def test_a_rerun_with_other_settings_is_refused(recipes):
+    """The first run keeps its settings in WORK/settings.txt; a run or dry run in that WORK with others
+    is refused before anything runs, naming each changed setting (more seeds only add models)."""
+    work = finished(recipes, "paracrawl-en-fr")
+    record = (work / "settings.txt").read_text()
+    assert "\nMAX_TOKENS=1024\nLR=5e-3\n" in record and "\nSTUDENT_UPDATES=12\n" in record and "SEEDS" not in record
+    timings = (work / "timings.tsv").read_text()
+    for dry_run in ("1", "0"):
+        proc = subprocess.run(
+            ["bash", str(REPO / "examples" / "paracrawl-en-fr" / "recipe.sh")],
+            env=dict(os.environ, SCALE="tiny", WORK=str(work), SEEDS="1 2 3", MAX_TOKENS="512", LR="1e-3",
+                     PYTHON=sys.executable, DRY_RUN=dry_run),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        )
+        assert proc.returncode != 0
+        assert (f"error: {work} was made with other settings: MAX_TOKENS=1024 (this run: 512) LR=5e-3 (this run: "
+                f"1e-3); its finished steps would be kept") in proc.stdout, proc.stdout[-2000:]
+        assert "] running" not in proc.stdout and "# train-" not in proc.stdout
+    assert (work / "settings.txt").read_text() == record and (work / "timings.tsv").read_text() == timings
+
+
 def test_local_data_is_required_at_full_scale(tmp_path):
     for name, variable in (("wmt21-de-en", "WMT21_DE_EN_DIR"), ("paracrawl-en-fr", "PARACRAWL_EN_FR_DIR"),
                            ("ted-de-en", "TED_DE_EN_DIR")):

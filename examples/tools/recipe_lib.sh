@@ -351,6 +351,41 @@ recipe_settings() {
     echo "${words[*]}"
 }
 
+# _work_settings: the settings every step of a WORK is made with, as NAME=VALUE lines: those of
+# recipe_settings less the ones that only add models (STUDY, COMPRESSION_SIZES, SEEDS) or only
+# measure again (SPEED_ROUNDS), and less the teacher's files, which import_teacher.py checks by
+# their sha256.
+_work_settings() {
+    local name
+    for name in SCALE TRAIN_LINES EVAL_LINES VOCAB MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES \
+        FINETUNE_UPDATES BEAM TRAIN_FLAGS SPEED_LINES; do
+        [[ $name == TEACHER_UPDATES && -n $IMPORTED_TEACHER ]] && continue
+        echo "$name=${!name:-}"
+    done
+}
+
+# _check_work_settings: WORK/settings.txt holds the settings of the first run in WORK (of the first
+# run after it was added, for an older WORK). A run with other settings is refused before anything
+# runs: it would keep the finished steps and resume the interrupted ones made with the old ones.
+_check_work_settings() {
+    local record=$WORK/settings.txt now line name changed=()
+    now=$(_work_settings)
+    if [[ -f $record ]]; then
+        local -A made=()
+        while IFS= read -r line; do made[${line%%=*}]=${line#*=}; done <"$record"
+        while IFS= read -r line; do
+            name=${line%%=*}
+            [[ ${made[$name]-} == "${line#*=}" ]] || changed+=("$name=${made[$name]-} (this run: ${line#*=})")
+        done <<<"$now"
+        ((${#changed[@]} == 0)) || die "$WORK was made with other settings: ${changed[*]}; its finished" \
+            "steps would be kept and its interrupted ones resumed. Rerun with its settings ($record)," \
+            "or set WORK to a new directory"
+    elif [[ ${DRY_RUN:-0} != 1 ]]; then
+        echo "$now" >"$record.partial"
+        mv "$record.partial" "$record"
+    fi
+}
+
 # A speed.json that does not measure the models the plan now names (a rerun with models added) is
 # kept as speed.before-DATE.json and the speed step runs again, so that all models are measured in
 # one run and their speeds compare.
@@ -381,6 +416,7 @@ run_recipe() {
         ((i > 0)) && subset=test$i
         bleu_tests+=(--bleu-test "${TEST_NAMES[$i]}" "$subset" "$WORK/raw/${TEST_NAMES[$i]}.$TGT")
     done
+    _check_work_settings
     _set_aside_stale_speed
     THREADS=$SPEED_THREADS step_after_all speed "$WORK/speed.json" "$TOOLS/speed.py" --models "$MODELS" --data "$BIN" --subset "$SPEED_SUBSET" \
         --reference "$WORK/raw/speed.$TGT" --beam "$BEAM" --batch-sizes "1,$SPEED_BATCH" "${GEN_LIMITS[@]}" \

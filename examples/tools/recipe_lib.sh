@@ -338,10 +338,11 @@ _students() {
 
 # recipe_settings: the settings that decide the recipe's numbers, as NAME=VALUE words that rerun it
 # when set in the environment (the report quotes them)
+RECIPE_SETTINGS=(SCALE STUDY COMPRESSION_SIZES TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB
+    MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES SPEED_ROUNDS)
 recipe_settings() {
     local name value words=()
-    for name in SCALE STUDY COMPRESSION_SIZES TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB \
-        MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES SPEED_ROUNDS; do
+    for name in "${RECIPE_SETTINGS[@]}"; do
         value=${!name:-}
         # an imported teacher was not trained here
         [[ -z $value || ($name == TEACHER_UPDATES && -n $IMPORTED_TEACHER) ]] && continue
@@ -357,9 +358,9 @@ recipe_settings() {
 # their sha256.
 _work_settings() {
     local name
-    for name in SCALE TRAIN_LINES EVAL_LINES VOCAB MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES \
-        FINETUNE_UPDATES BEAM TRAIN_FLAGS SPEED_LINES; do
-        [[ $name == TEACHER_UPDATES && -n $IMPORTED_TEACHER ]] && continue
+    for name in "${RECIPE_SETTINGS[@]}"; do
+        [[ " STUDY COMPRESSION_SIZES SEEDS SPEED_ROUNDS TEACHER TEACHER_SPM TEACHER_DICT " == *" $name "* ||
+            ($name == TEACHER_UPDATES && -n $IMPORTED_TEACHER) ]] && continue
         echo "$name=${!name:-}"
     done
 }

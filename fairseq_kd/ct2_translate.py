@@ -23,8 +23,9 @@ searches stop by different rules, so below the best hypothesis an n-best list ca
 then holds a better-scoring hypothesis that fairseq stopped before finishing.
 """
 
+import collections
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -69,15 +70,26 @@ def check_settings(settings: DecodingSettings, unkpen: float = 0.0) -> None:
         raise ValueError(f"--nbest must lie in [1, --beam={settings.beam}], got {settings.nbest}")
 
 
-def load_translator(model_dir: str, threads: Optional[int] = None, device: str = "cpu"):
-    """A ``ctranslate2.Translator`` for ``model_dir`` with ``threads`` intra-op threads (default:
-    torch's, which follow ``OMP_NUM_THREADS``, so that both engines use the same number), in the
-    quantization the model was exported with."""
+def load_translator(model_dir: str, threads: Optional[int] = None, device: str = "cpu", workers: int = 1):
+    """A ``ctranslate2.Translator`` for ``model_dir`` in the quantization the model was exported
+    with: ``workers`` batches decoded at once (CTranslate2's ``inter_threads``), each with
+    ``threads`` intra-op threads (default: torch's, which follow ``OMP_NUM_THREADS``, so that both
+    engines use the same number)."""
     from fairseq_kd.ct2_export import require_ctranslate2
 
     ctranslate2 = require_ctranslate2()
-    return ctranslate2.Translator(model_dir, device=device, inter_threads=1,
+    return ctranslate2.Translator(model_dir, device=device, inter_threads=workers,
                                   intra_threads=threads or torch.get_num_threads())
+
+
+def _decoding_options(sources: Sequence[Sequence[str]], settings: DecodingSettings) -> dict:
+    max_length = settings.max_length(max(len(s) for s in sources) + 1)
+    if settings.min_len > max_length:
+        raise ValueError(f"--min-len {settings.min_len} exceeds the length limit {max_length} of this batch "
+                         "(--max-len-a/--max-len-b)")
+    return dict(beam_size=settings.beam, num_hypotheses=settings.nbest, length_penalty=settings.lenpen,
+                max_decoding_length=max_length, min_decoding_length=settings.min_len, max_input_length=0,
+                return_scores=True)
 
 
 def translate_pieces(
@@ -96,13 +108,27 @@ def translate_pieces(
     """
     if not sources:
         return []
-    max_length = settings.max_length(max(len(s) for s in sources) + 1)
-    if settings.min_len > max_length:
-        raise ValueError(f"--min-len {settings.min_len} exceeds the length limit {max_length} of this batch "
-                         "(--max-len-a/--max-len-b)")
-    results = translator.translate_batch(
-        [list(s) for s in sources], beam_size=settings.beam, num_hypotheses=settings.nbest,
-        length_penalty=settings.lenpen, max_decoding_length=max_length, min_decoding_length=settings.min_len,
-        max_input_length=0, return_scores=True,
-    )
+    results = translator.translate_batch([list(s) for s in sources], **_decoding_options(sources, settings))
     return [list(zip(r.hypotheses, r.scores)) for r in results]
+
+
+def translate_batches(
+    translator, batches: Iterable[Sequence[Sequence[str]]], settings: DecodingSettings
+) -> Iterator[List[List[Tuple[List[str], float]]]]:
+    """Translate ``batches`` as :func:`translate_pieces` translates each, on all of the translator's
+    workers at once: each batch is one CTranslate2 job (so its length limit stays its own), queued
+    while the workers decode the ones before it, at most two per worker ahead. Yields each batch's
+    results, in order."""
+    ahead = 2 * translator.num_translators
+    queued = collections.deque()
+
+    def results(job):
+        return [list(zip(r.hypotheses, r.scores)) for r in (pending.result() for pending in job)]
+
+    for sources in batches:
+        queued.append(translator.translate_batch([list(s) for s in sources], asynchronous=True,
+                                                 **_decoding_options(sources, settings)) if sources else [])
+        if len(queued) > ahead:
+            yield results(queued.popleft())
+    while queued:
+        yield results(queued.popleft())

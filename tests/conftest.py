@@ -39,7 +39,7 @@ def cli(name: str) -> str:
 
 def run(cmd, cwd=None, env=None, timeout=600):
     """Run a CLI, return its combined output; fail the test with the output if it fails."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(
         [str(c) for c in cmd], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, timeout=timeout,

@@ -20,10 +20,10 @@ N_TEST = 100
 SHARD_SIZE = 10
 
 
-def distill(data_bin, teacher, destdir, *extra):
+def distill(data_bin, teacher, destdir, *extra, threads=1):
     return run([cli("fairseq-kd-distill-data"), data_bin, "--teacher-path", teacher, "--split", "test",
                 "--destdir", destdir, "--batch-size", "4", "--shard-size", str(SHARD_SIZE), "--cpu",
-                "--log-interval", "0", *extra])
+                "--log-interval", "0", *extra], env={"OMP_NUM_THREADS": str(threads)})
 
 
 def records(destdir):
@@ -50,7 +50,7 @@ def test_greedy_output_is_byte_identical_to_fairseq_engine(greedy_runs, tiny_tea
     assert outputs(root / "ctranslate2") == outputs(root / "fairseq")
     assert len((root / "fairseq" / "test.kd.tgt").read_text().splitlines()) == N_TEST
     assert "summary: 100 sentences (0 skipped as too long), 100 pairs selected" in logs["ctranslate2"]
-    assert "teacher: CTranslate2 (float32) on cpu, 1 threads, beam 1" in logs["ctranslate2"]
+    assert "teacher: CTranslate2 (float32) on cpu, 1 batch(es) at a time, beam 1" in logs["ctranslate2"]
     # the converted teacher, recorded in the split's arguments by the checkpoint's hash
     sha = hashlib.sha256(tiny_teacher.read_bytes()).hexdigest()
     export = json.loads((root / "ctranslate2" / "test.kd.ct2-teacher" / "export.json").read_text())
@@ -69,6 +69,13 @@ def test_beam4_nbest2_closest_matches_fairseq_engine(tiny_data, tiny_teacher, tm
     assert len(ct2) == N_TEST
     assert [[(h.text, h.rank) for h in r.pairs] for r in ct2] == [[(h.text, h.rank) for h in r.pairs] for r in fairseq]
     assert sum(r.pairs[0].rank == 1 for r in ct2) > 0  # closest did pick second hypotheses
+    # two threads: two CTranslate2 workers decode two batches at a time, and every record (scores
+    # included) and output file is the one-worker run's, in the same order
+    log = distill(tiny_data / "bin", tiny_teacher, tmp_path / "ctranslate2-2", *args, "--engine", "ctranslate2",
+                  threads=2)
+    assert "on cpu, 2 batch(es) at a time, beam 4" in log
+    assert outputs(tmp_path / "ctranslate2-2") == outputs(tmp_path / "ctranslate2")
+    assert [r.to_json() for r in records(tmp_path / "ctranslate2-2")] == [r.to_json() for r in ct2]
     # Scores: CTranslate2 renormalises the first step without EOS (--min-len 1), fairseq does not; the
     # difference is one non-negative log-probability per sentence, divided by the length (lenpen 1)
     # of each hypothesis, EOS included. Check that form on the n-best hypotheses both engines found,

@@ -36,6 +36,7 @@ fi
 
 transformer_arch teacher_arch "${teacher_size[@]}" --dropout 0.1
 teacher "${teacher_arch[@]}"
+translate teacher "$WORK/teacher"
 distill kd top1
 
 # every student: its architecture, gold-data objective; tested against the gold-only baseline

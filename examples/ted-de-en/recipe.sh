@@ -36,6 +36,7 @@ fi
 
 transformer_arch teacher_arch "${teacher_size[@]}" --dropout 0.3
 teacher "${teacher_arch[@]}"
+translate teacher "$WORK/teacher"
 distill kd top1
 distill kd2 nbest-2
 

@@ -65,6 +65,7 @@ methods_study() {
 
     prepare_multi30k
     teacher "${teacher_arch[@]}"
+    translate teacher "$WORK/teacher"
     distill kd top1
     init_student spread --encoder-layers "${student_size[0]}" --decoder-layers "${student_size[1]}" \
         --strategy spread
@@ -115,6 +116,7 @@ compression_study() {
     transformer_arch teacher_arch "${teacher_size[@]:0:5}" --dropout "${teacher_size[5]}"
     prepare_multi30k
     teacher "${teacher_arch[@]}" --patience 5
+    translate teacher "$WORK/teacher"
     # the teacher's translations decoded by CTranslate2 in float32: fairseq's output (docs/distill-data.md)
     # at about 2.4 times its speed on a CPU
     distill kd top1 --engine ctranslate2 --ct2-quantization float32 --batch-size 64

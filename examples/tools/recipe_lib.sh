@@ -270,7 +270,8 @@ translate() {
 }
 
 # teacher FLAGS...: train the teacher on the gold data (FLAGS: its architecture and training flags),
-# or import the one named by TEACHER (FLAGS unused), into TEACHER_CHECKPOINT; translate with it.
+# or import the one named by TEACHER (FLAGS unused), into TEACHER_CHECKPOINT. `translate teacher
+# "$WORK/teacher"` then scores it, where the recipe wants that step in its plan.
 teacher() {
     if [[ -n $IMPORTED_TEACHER ]]; then
         step import-teacher "$WORK/teacher" -- "$TOOLS/import_teacher.py" checkpoint "${TEACHER_FILES[@]}" \
@@ -280,7 +281,6 @@ teacher() {
             "${LABEL_SMOOTHED[@]}" "$@" --seed 1 --max-update "$TEACHER_UPDATES" --save-dir "$WORK/teacher.partial"
     fi
     add_model teacher teacher teacher teacher 1 "$WORK/teacher" -
-    translate teacher "$WORK/teacher"
 }
 
 # distill NAME SELECT [FLAGS...]: the teacher's beam-search translations of the training sources

@@ -38,6 +38,7 @@ fi
 prenorm=(--encoder-normalize-before --decoder-normalize-before --dropout 0.1)
 transformer_arch teacher_arch "${teacher_layers[@]}" "${wide[@]}" "${prenorm[@]}"
 teacher "${teacher_arch[@]}"
+translate teacher "$WORK/teacher"
 distill kd top1
 
 # each size's students are tested against its gold-only student

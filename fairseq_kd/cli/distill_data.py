@@ -234,7 +234,7 @@ def translate_shards(args, task, layout: ShardLayout, shards: Sequence[int], nbe
     if engine["name"] == "ctranslate2":
         translator = ct2_engine.build_translator(args, task, nbest, device.type == "cuda", engine)
         logger.info(f"teacher: CTranslate2 ({engine['quantization']}) on {translator.device}, "
-                    f"{torch.get_num_threads()} threads, beam {args.beam}, nbest {nbest}, select {args.select}")
+                    f"{translator.workers} batch(es) at a time, beam {args.beam}, nbest {nbest}, select {args.select}")
     else:
         teacher = load_teacher(args.teacher_path, task, "fp16" if args.fp16 else "fp32", args.teacher_dict_dir, device)
         models = teacher.models

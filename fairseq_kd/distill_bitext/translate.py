@@ -12,7 +12,7 @@ way wherever and whenever it runs.
 """
 
 import types
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ class SplitTranslator:
     Batches are built from the requested ids only, in a fixed order (source length, then target
     length, then id), so that a shard translates the same way wherever and whenever it runs, and
     with the same composition for every engine (fairseq's length limit depends on the batch).
-    Subclasses decode one batch in :meth:`translate_batch`.
+    Subclasses decode the batches in :meth:`translate_batches`.
 
     Args:
         task: a translation task with ``split`` loaded (:func:`fairseq_kd.cli.inputs.load_split`).
@@ -72,8 +72,8 @@ class SplitTranslator:
             required_batch_size_multiple=1,
         )
 
-    def translate_batch(self, batch: np.ndarray) -> Dict[int, List[Hypothesis]]:
-        """The n-best list (best first) of every sentence id in ``batch``."""
+    def translate_batches(self, batches: List[np.ndarray]) -> Iterator[Dict[int, List[Hypothesis]]]:
+        """For each batch in turn, the n-best list (best first) of every sentence id in it."""
         raise NotImplementedError
 
     def translate(self, ids: Sequence[int], on_batch=None) -> Tuple[Dict[int, List[Hypothesis]], List[int]]:
@@ -85,8 +85,9 @@ class SplitTranslator:
             raise self.too_long_error(too_long)
         skip = set(too_long)
         hypotheses = {}
-        for batch in self._batches([i for i in ids if i not in skip]):
-            hypotheses.update(self.translate_batch(batch))
+        batches = self._batches([i for i in ids if i not in skip])
+        for batch, batch_hypotheses in zip(batches, self.translate_batches(batches)):
+            hypotheses.update(batch_hypotheses)
             if on_batch is not None:
                 on_batch(len(batch))
         return hypotheses, too_long
@@ -119,8 +120,12 @@ class TeacherTranslator(SplitTranslator):
             model.prepare_for_inference_(types.SimpleNamespace(generation=gen_cfg))
         self.generator = task.build_generator(models, gen_cfg)
 
+    def translate_batches(self, batches: List[np.ndarray]) -> Iterator[Dict[int, List[Hypothesis]]]:
+        for batch in batches:
+            yield self._translate_batch(batch)
+
     @torch.no_grad()
-    def translate_batch(self, batch: np.ndarray) -> Dict[int, List[Hypothesis]]:
+    def _translate_batch(self, batch: np.ndarray) -> Dict[int, List[Hypothesis]]:
         sample = self.dataset.collater([self.dataset[i] for i in batch])
         if self.device.type == "cuda":
             sample = utils.move_to_cuda(sample, device=self.device)

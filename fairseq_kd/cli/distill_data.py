@@ -82,7 +82,8 @@ def get_parser() -> argparse.ArgumentParser:
     gen.add_argument("--engine", choices=ct2_engine.ENGINES, default="fairseq",
                      help="fairseq: fairseq's SequenceGenerator; ctranslate2: the teacher converted once to "
                      "CTranslate2 (in DESTDIR/SPLIT.kd.ct2-teacher; needs pip install -e .[ct2]), same batches, "
-                     "shards and selection, about 2x faster on one CPU thread at batch 64; one teacher, no --unkpen, "
+                     "shards and selection, about 2x faster on one CPU thread at batch 64, and on a CPU one batch per "
+                     "thread at a time (OMP_NUM_THREADS); one teacher, no --unkpen, "
                      "--min-len 1 unless --beam 1 (docs/distill-data.md)")
     gen.add_argument("--ct2-quantization", choices=QUANTIZATIONS, default="float32",
                      help="weights of the CTranslate2 teacher: float32 gives fairseq's translations; int16/int8 "

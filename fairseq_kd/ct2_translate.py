@@ -92,6 +92,10 @@ def _decoding_options(sources: Sequence[Sequence[str]], settings: DecodingSettin
                 return_scores=True)
 
 
+def _scored_hypotheses(result) -> List[Tuple[List[str], float]]:
+    return list(zip(result.hypotheses, result.scores))
+
+
 def translate_pieces(
     translator, sources: Sequence[Sequence[str]], settings: DecodingSettings
 ) -> List[List[Tuple[List[str], float]]]:
@@ -109,7 +113,7 @@ def translate_pieces(
     if not sources:
         return []
     results = translator.translate_batch([list(s) for s in sources], **_decoding_options(sources, settings))
-    return [list(zip(r.hypotheses, r.scores)) for r in results]
+    return [_scored_hypotheses(r) for r in results]
 
 
 def translate_batches(
@@ -123,7 +127,7 @@ def translate_batches(
     queued = collections.deque()
 
     def results(job):
-        return [list(zip(r.hypotheses, r.scores)) for r in (pending.result() for pending in job)]
+        return [_scored_hypotheses(pending.result()) for pending in job]
 
     for sources in batches:
         queued.append(translator.translate_batch([list(s) for s in sources], asynchronous=True,

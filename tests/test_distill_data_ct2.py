@@ -1,8 +1,7 @@
 """fairseq-kd-distill-data --engine ctranslate2 on the tiny teacher: the same output as the fairseq
 engine (greedy byte for byte; beam 4 with n-best 2 and --select closest, on one CTranslate2 worker
-and on two), the converted teacher
-cached and reused on resume, and the refusals (another quantization or engine on resume, an
-ensemble, settings CTranslate2 cannot reproduce)."""
+and on two), the converted teacher cached and reused on resume, and the refusals (another
+quantization or engine on resume, an ensemble, settings CTranslate2 cannot reproduce)."""
 
 import hashlib
 import json

@@ -100,10 +100,15 @@ class Ct2TeacherTranslator(SplitTranslator):
         # On a CPU, one batch per thread at a time, the same translations as one worker: the demo's distillation
         # (int8, beam 5, 29,000 sentences in batches of 64) took 200 s with two one-thread workers, where one
         # worker took 287-376 s on one thread (examples/multi30k-en-de/README.md).
-        self.workers = torch.get_num_threads() if device == "cpu" else 1
-        self.translator = load_translator(model_dir, threads=1 if device == "cpu" else None, device=device,
-                                          workers=self.workers)
+        on_cpu = device == "cpu"
+        self.translator = load_translator(model_dir, threads=1 if on_cpu else None, device=device,
+                                          workers=torch.get_num_threads() if on_cpu else 1)
         self.device = device
+
+    @property
+    def workers(self) -> int:
+        """Batches decoded at a time."""
+        return self.translator.num_translators
 
     def translate_batches(self, batches: List[np.ndarray]) -> Iterator[Dict[int, List[Hypothesis]]]:
         src_dict, tgt_dict = self.task.source_dictionary, self.task.target_dictionary

@@ -29,8 +29,8 @@
 #   SPEED_BATCH, SPEED_THREADS  the speed step's larger batch (default 64) and threads (default 1)
 #   SPEED_ROUNDS  times every model's speed is measured, the models in turn; the median is reported
 #              (default 3; 2 at tiny scale)
-#   RESULTS    directory of the results table and plot (default: docs/results at full scale,
-#              WORK at tiny scale)
+#   RESULTS    directory of the results table and plot, NAME.md and NAME.png (default: docs/results
+#              at full scale, WORK at tiny scale); NAME is the recipe's, NAME-given-teacher with TEACHER
 #   TRAIN_FLAGS  extra fairseq-train flags for every model, e.g. "--fp16 --update-freq 4" on GPUs
 #   DRY_RUN    1: print the commands and whether each is done, run nothing (WORK's plan.tsv and
 #              models.tsv, maybe a running plan's, are left as they are)
@@ -39,7 +39,8 @@
 #              data are encoded with its sentencepiece model (TEACHER_SPM, default: the one *.model
 #              file beside the checkpoint) and binarized with its dictionary (TEACHER_DICT, default:
 #              dict.txt beside it, one dictionary for both languages); a WORK made with another
-#              teacher is refused
+#              teacher is refused; the results are written under a name of their own (RESULTS), never
+#              over those of the recipe's own teacher
 
 TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$TOOLS/../.." && pwd)
@@ -54,6 +55,7 @@ die() {
 # recipe_begin NAME SRC TGT: settings, an empty plan and model list.
 recipe_begin() {
     RECIPE=$1 SRC=$2 TGT=$3
+    RESULTS_NAME=$RECIPE${TEACHER:+-given-teacher}
     SCALE=${SCALE:-tiny}
     [[ $SCALE == tiny || $SCALE == full ]] || die "SCALE must be tiny or full, not '$SCALE'"
     WORK=${WORK:-$REPO/work/recipes/$RECIPE-$SCALE}
@@ -408,7 +410,7 @@ _set_aside_stale_speed() {
 # SPEED_BATCH, SPEED_THREADS threads, in fairseq and exported to CTranslate2 int8 with that model's
 # BLEU on every test set, one step so that all are measured in the same run) and the report (BLEU with signatures,
 # paired bootstrap against each student's baseline, share of the teacher's lead closed, parameters, speed:
-# RESULTS/RECIPE.md and .png, WORK/results.json), then run the plan.
+# RESULTS/RESULTS_NAME.md and .png, WORK/results.json), then run the plan.
 run_recipe() {
     local title=$1
     local bleu_tests=() i subset
@@ -425,7 +427,7 @@ run_recipe() {
         --out "$WORK/speed.json.partial"
     step_after_all report - "$TOOLS/report.py" --title "$title" --models "$MODELS" \
         --tests "${TEST_NAMES[@]}" --references "$WORK/raw" --tgt "$TGT" --speed "$WORK/speed.json" \
-        --scale "$SCALE" --settings "$(recipe_settings)" --out "$RESULTS/$RECIPE" --json "$WORK/results.json" "${@:2}"
+        --scale "$SCALE" --settings "$(recipe_settings)" --out "$RESULTS/$RESULTS_NAME" --json "$WORK/results.json" "${@:2}"
     local steps
     steps=$(wc -l <"$_DRAFTS/plan.tsv")
     if [[ ${DRY_RUN:-0} == 1 ]]; then

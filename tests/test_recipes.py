@@ -5,6 +5,7 @@ table and plot with one row per student method, every BLEU parsed, and every out
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -297,6 +298,13 @@ def test_compression_study_reuses_a_teacher(recipes, tmp_path):
         assert (work / "teacher" / f"{test}.hyp").read_text() == (methods_work / "teacher" / f"{test}.hyp").read_text()
     parameters = {size: results["models"][f"{size}.gold"]["parameters"] for size in COMPRESSION_SIZES}
     assert parameters["10x"] < parameters["4x"] < results["models"]["teacher"]["parameters"]
+    # seq-KD then gold: fine-tuned at the study's constant FINETUNE_LR (the methods study: LR's schedule again)
+    def learning_rates(log):
+        return set(re.findall(r"\| lr ([0-9.e-]+) \|", log.read_text()))
+    for size in COMPRESSION_SIZES:
+        assert learning_rates(work / "logs" / f"train-{size}.seq_kd_then_gold-s1.log") == {"0.0001"}
+    assert "0.0001" not in learning_rates(methods_work / "logs" / "train-seq_kd_then_gold-s1.log")
+    assert "FINETUNE_LR=1e-4" in (work / "multi30k-en-de-compression-given-teacher.md").read_text()
     # each size's int8 speed: the median of its students (one architecture), against the teacher in fairseq
     table = (work / "multi30k-en-de-compression-given-teacher.md").read_text()
     teacher_speed = results["models"]["teacher"]["speed"]["1"]

@@ -102,6 +102,9 @@ compression_study() {
         # until the validation loss has not improved for 5 epochs (--patience below), at most this
         : "${TEACHER_UPDATES:=8000}"
     fi
+    # seq-KD then gold: the gold pairs at a tenth of the full scale's LR, constant; LR's warm-up schedule
+    # again from the start (the default) undid the distillation (examples/multi30k-en-de/README.md)
+    : "${FINETUNE_LR=1e-4}"
     recipe_begin "multi30k-$1-$2-compression" "$1" "$2"
     # name, layers: encoder decoder, widths: d_model ffn heads, dropout
     local teacher_size sizes size teacher_arch student_arch

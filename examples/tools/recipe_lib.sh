@@ -26,6 +26,9 @@
 #   CORES      cores the steps share (default: all): a step starts only when its threads fit in
 #              the cores the running steps leave free
 #   SEEDS      student seeds (default "1"; e.g. "1 2 3" reports mean and standard deviation)
+#   FINETUNE_LR  learning rate of the fine-tuning steps (finetune), held constant (fairseq's fixed
+#              scheduler, no warm-up); default (empty): LR's warm-up schedule from the start, as
+#              in the first training
 #   SPEED_BATCH, SPEED_THREADS  the speed step's larger batch (default 64) and threads (default 1)
 #   SPEED_ROUNDS  times every model's speed is measured, the models in turn; the median is reported
 #              (default 3; 2 at tiny scale)
@@ -313,12 +316,14 @@ student() {
 }
 
 # finetune NAME LABEL BASELINE FROM DATA [NEEDS...] -- FLAGS...: continue each seed's student FROM on
-# DATA for FINETUNE_UPDATES (a fresh optimizer and schedule, fairseq-train --finetune-from-model).
+# DATA for FINETUNE_UPDATES (a fresh optimizer and schedule, fairseq-train --finetune-from-model;
+# at the constant FINETUNE_LR where set).
 finetune() {
-    local name=$1 label=$2 baseline=$3 from=$4 data=$5
+    local name=$1 label=$2 baseline=$3 from=$4 data=$5 schedule=()
     shift 5
+    [[ -z ${FINETUNE_LR:-} ]] || schedule=(--lr "$FINETUNE_LR" --lr-scheduler fixed --warmup-updates 0)
     _students "$FINETUNE_UPDATES" "$name" "$label" "$baseline" "$data" "$WORK/students/$from-s@SEED@" "$@" \
-        --finetune-from-model "$WORK/students/$from-s@SEED@/checkpoint_best.pt"
+        "${schedule[@]}" --finetune-from-model "$WORK/students/$from-s@SEED@/checkpoint_best.pt"
 }
 
 # _students UPDATES NAME LABEL BASELINE DATA [NEEDS...] -- FLAGS...: NEEDS and FLAGS may say @SEED@,
@@ -341,7 +346,7 @@ _students() {
 # recipe_settings: the settings that decide the recipe's numbers, as NAME=VALUE words that rerun it
 # when set in the environment (the report quotes them)
 RECIPE_SETTINGS=(SCALE STUDY COMPRESSION_SIZES TEACHER TEACHER_SPM TEACHER_DICT TRAIN_LINES EVAL_LINES VOCAB
-    MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES BEAM SEEDS TRAIN_FLAGS SPEED_LINES SPEED_ROUNDS)
+    MAX_TOKENS LR WARMUP TEACHER_UPDATES STUDENT_UPDATES FINETUNE_UPDATES FINETUNE_LR BEAM SEEDS TRAIN_FLAGS SPEED_LINES SPEED_ROUNDS)
 recipe_settings() {
     local name value words=()
     for name in "${RECIPE_SETTINGS[@]}"; do

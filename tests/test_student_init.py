@@ -9,6 +9,7 @@ redrawn so that every tensor is distinct.
 """
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -365,4 +366,19 @@ def test_cli_errors_are_one_line_and_write_nothing(deep_teacher, tiny_data, tmp_
         assert message in init_student_error(capsys, common + flags)
     assert "--output is the teacher checkpoint itself" in init_student_error(
         capsys, [str(tiny_data / "bin"), "--teacher", str(deep_teacher), "--output", str(deep_teacher)])
+    assert not out.exists()
+
+
+def test_a_data_directory_without_a_training_split_is_named(deep_teacher, tiny_data, tmp_path, capsys):
+    """A teacher trained without -s/-t keeps no language pair in its config; fairseq reads the pair
+    from the data directory's file names, which a directory holding only the dictionaries lacks."""
+    assert load(deep_teacher)["cfg"]["task"]["source_lang"] is None
+    dictionaries = tmp_path / "dictionaries"
+    dictionaries.mkdir()
+    for path in (tiny_data / "bin").glob("dict.*.txt"):
+        shutil.copy(path, dictionaries / path.name)
+    out = tmp_path / "s.pt"
+    err = init_student_error(capsys, [str(dictionaries), "--teacher", str(deep_teacher), "--output", str(out)])
+    assert f"cannot set up the teacher's task on {dictionaries}" in err and "language pair" in err, err
+    assert "the binarized data directory the student trains on" in err
     assert not out.exists()

@@ -94,17 +94,26 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def load_teacher_and_task(path: str, data: str, dict_dir: Optional[str] = None):
-    """The teacher checkpoint's state, its config (fairseq's, legacy ``args`` converted on loading)
-    with ``data`` as the task's data directory, that task, and the teacher model, loaded the way
-    every command loads it (:func:`fairseq_kd.cli.inputs.load_teacher`: its dictionaries must be
-    the data's). The student keeps the teacher's config and task state."""
+    """The teacher checkpoint's config (fairseq's, legacy ``args`` converted on loading) with
+    ``data`` as the task's data directory, its task state, that task, and the teacher model, loaded
+    the way every command loads it (:func:`fairseq_kd.cli.inputs.load_teacher`: its dictionaries
+    must be the data's). The student keeps the teacher's config and task state."""
     state = load_checkpoint(path, "teacher checkpoint")
-    cfg = state["cfg"]
+    cfg, task_state = state["cfg"], state.get("task_state", {})
+    # the weights (and any optimizer state) are read again with the teacher: never hold both
+    del state
     with open_dict(cfg):
         cfg.task.data = data
-    task = tasks.setup_task(cfg.task)
+    try:
+        task = tasks.setup_task(cfg.task)
+    except FileNotFoundError:  # a missing dictionary: its own message names the file
+        raise
+    except Exception as err:  # fairseq's plain Exception: no language pair in the config or the file names
+        raise UserError(f"cannot set up the teacher's task on {data} ({err}): pass the binarized data directory "
+                        "the student trains on (fairseq-preprocess's output: the dictionaries and the train "
+                        "split, whose file names give the language pair)") from None
     teacher = load_teacher(path, task, "fp32", dict_dir, torch.device("cpu"))
-    return state, cfg, task, teacher.models[0]
+    return cfg, task_state, task, teacher.models[0]
 
 
 def make_student(args: argparse.Namespace) -> dict:
@@ -114,7 +123,7 @@ def make_student(args: argparse.Namespace) -> dict:
         raise UserError(f"teacher checkpoint not found: {args.teacher!r}; pass the teacher's checkpoint (--teacher)")
     if os.path.realpath(args.output) == os.path.realpath(args.teacher):
         raise UserError("--output is the teacher checkpoint itself; write the student elsewhere")
-    state, cfg, task, teacher = load_teacher_and_task(args.teacher, args.data, args.teacher_dict_dir)
+    cfg, task_state, task, teacher = load_teacher_and_task(args.teacher, args.data, args.teacher_dict_dir)
     teacher_state = teacher.state_dict()
     arch = getattr(cfg.model, "arch", None) or getattr(cfg.model, "_name", None)
     owner = f"teacher {args.teacher} (arch {arch})"
@@ -145,7 +154,7 @@ def make_student(args: argparse.Namespace) -> dict:
         "encoder_layer_map": layer_maps["encoder"],
         "decoder_layer_map": layer_maps["decoder"],
     }
-    checkpoint = student_checkpoint(student_cfg, student.state_dict(), state.get("task_state", {}), record)
+    checkpoint = student_checkpoint(student_cfg, student.state_dict(), task_state, record)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     write_file(args.output, lambda f: torch.save(checkpoint, f), binary=True)  # never seen half-written
     record["parameters"] = sum(p.numel() for p in student.parameters())

@@ -105,9 +105,13 @@ def test_int8_export_is_smaller_and_translates(float32_export, tiny_data, tiny_t
     assert record["quantization"] == "int8" and printed.endswith(json.dumps(record, indent=1, sort_keys=True) + "\n")
     assert load_translator(str(out), threads=1).compute_type == "int8_float32"
     assert (out / "model.bin").stat().st_size < (float32_export / "model.bin").stat().st_size
-    # quantization changes a few translations, not the model (measured: 99 of 100 greedy outputs equal)
+    # quantization changes some translations, not the model. How many depends on CTranslate2's int8
+    # backend, which it picks by CPU: greedy outputs equal to float32's, 99 of 100 with Intel MKL (an
+    # Intel Xeon), 77 with oneDNN (an AMD EPYC, AVX2), where the int8 outputs still score 91 BLEU
+    # against the float32 outputs; unrelated outputs of the same sentences (shifted by one) score ~1
     int8, float32 = ct2_translate(out, tiny_data, beam=1), ct2_translate(float32_export, tiny_data, beam=1)
-    assert sum(a == b for a, b in zip(int8, float32)) >= 0.9 * N_TEST
+    assert sacrebleu.corpus_bleu(float32[1:] + float32[:1], [float32]).score < 10
+    assert sacrebleu.corpus_bleu(int8, [float32]).score >= 80
 
 
 def test_distill_student_converts_without_its_teacher(float32_export, tiny_data, tiny_teacher, tmp_path):

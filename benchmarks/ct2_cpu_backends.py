@@ -1,14 +1,14 @@
 """Does a CTranslate2 int8 model translate the same on every CPU?
 
 CTranslate2 chooses its CPU matrix-product backend when it starts: Intel MKL on Intel CPUs, oneDNN
-on others (AMD among them); ``CT2_USE_MKL=1`` makes it use MKL on any x86 CPU. The two compute
-int8 products differently, and only MKL has int16 (elsewhere an int16 model runs as int8). This
-benchmark exports one model with fairseq-kd-export-ct2 in float32, int16 and int8, then, in a
-fresh process per backend (the one CTranslate2 picks on this CPU, and MKL forced), translates the
-test sets with each export (beam 5, batches of 64, one thread, as the recipes' speed step) and
-records the compute type it ran in, the backend CTranslate2 logged, sacreBLEU on each test set,
-the translations identical to the float32 export's under the same backend, and sentences/s (the
-best of --repeats rounds).
+on others (AMD among them); ``CT2_USE_MKL=1`` makes it use MKL on any x86 CPU. The two compute int8
+products differently, and only MKL has int16 (elsewhere an int16 model runs as int8). This benchmark
+exports one model (fairseq-kd-export-ct2's conversion) in float32, int16 and int8, then, in a fresh
+process per backend (the one CTranslate2 picks on this CPU, and MKL forced), translates the test
+sets with each export (beam 5, batches of 64, one thread, as the recipes' speed step) and records
+the compute type it ran in, the backend CTranslate2 logged, sacreBLEU on each test set, the
+translations identical to the float32 export's under the same backend, and sentences/s (the best of
+--repeats rounds).
 
     python benchmarks/ct2_cpu_backends.py --teacher /work/shared/models/multi30k-en-de-t3x3/teacher.pt \\
         --spm /work/shared/models/multi30k-en-de-t3x3/spm8k.model \\
@@ -29,7 +29,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUANTIZATIONS = ("float32", "int16", "int8")
+sys.path.insert(0, os.path.join(REPO, "examples", "tools"))
 BACKENDS = {"cpu's own": {}, "mkl forced": {"CT2_USE_MKL": "1"}}
 
 
@@ -59,20 +59,21 @@ def read_lines(path):
 def translate_all(args):
     """In this process's backend: per export, its compute type, and per test set its translations
     and the best round's seconds."""
-    import ctranslate2
     import sentencepiece
 
-    from fairseq_kd.ct2_translate import DecodingSettings, translate_pieces
+    from fairseq_kd.ct2_export import QUANTIZATIONS
+    from fairseq_kd.ct2_translate import DecodingSettings, load_translator, translate_pieces
 
     spm = sentencepiece.SentencePieceProcessor(model_file=args.spm)
     settings = DecodingSettings(beam=args.beam)
+    test_sources = {test: [spm.encode(line, out_type=str)
+                           for line in read_lines(os.path.join(args.raw_data, f"{test}.{args.source_lang}"))]
+                    for test in args.tests}
     results = {}
     for quantization in QUANTIZATIONS:
-        translator = ctranslate2.Translator(os.path.join(args.worker, quantization), device="cpu", intra_threads=1)
+        translator = load_translator(os.path.join(args.worker, quantization), threads=1)
         result = results[quantization] = {"compute_type": translator.compute_type, "tests": {}}
-        for test in args.tests:
-            sources = [spm.encode(line, out_type=str)
-                       for line in read_lines(os.path.join(args.raw_data, f"{test}.{args.source_lang}"))]
+        for test, sources in test_sources.items():
             seconds = []
             for _ in range(args.repeats):
                 start, outputs = time.perf_counter(), []
@@ -102,6 +103,8 @@ def measure(args):
     """Export the model in every type, translate with each backend; one row per backend and export."""
     import sacrebleu
 
+    from fairseq_kd.ct2_export import QUANTIZATIONS, export
+
     references = {t: read_lines(os.path.join(args.raw_data, f"{t}.{args.target_lang}")) for t in args.tests}
     rows = []
     work = tempfile.mkdtemp(prefix="ct2-cpu-backends-")
@@ -111,10 +114,8 @@ def measure(args):
         for lang in (args.source_lang, args.target_lang):
             shutil.copy(args.dict, os.path.join(data, f"dict.{lang}.txt"))
         for quantization in QUANTIZATIONS:
-            subprocess.run([os.path.join(os.path.dirname(sys.executable), "fairseq-kd-export-ct2"), args.teacher, data,
-                            "-s", args.source_lang, "-t", args.target_lang, "--dict-dir", data, "--quantization",
-                            quantization, "--output-dir", os.path.join(work, quantization)],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            export(args.teacher, data, os.path.join(work, quantization), quantization, args.source_lang,
+                   args.target_lang, dict_dir=data)
         for backend, env_extra in BACKENDS.items():
             results, logged = run_backend(args, work, env_extra)
             for quantization in QUANTIZATIONS:
@@ -139,11 +140,14 @@ def measure(args):
 def report(args, rows):
     """Write the JSON record and print the table."""
     import ctranslate2
+    import torch
+
+    from speed import device_name
 
     result = {
         "command": " ".join(sys.argv), "teacher": os.path.abspath(args.teacher), "beam": args.beam,
         "batch_size": args.batch_size, "threads": 1, "repeats": args.repeats, "rows": rows,
-        "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count(),
+        "machine": {"platform": platform.platform(), "processor": device_name(torch.device("cpu")), "cpus": os.cpu_count(),
                     "ctranslate2": ctranslate2.__version__},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -171,12 +175,6 @@ def main():
         translate_all(args)
     else:
         report(args, measure(args))
-
-
-def cpu_model():
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        names = re.findall(r"^model name\s*:\s*(.*)$", f.read(), flags=re.M)
-    return names[0] if names else platform.processor()
 
 
 if __name__ == "__main__":
